@@ -1,0 +1,51 @@
+"""Sessions: tests, lint, bench, study, report, ui. Every install goes through constraints.txt."""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["tests", "lint"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.default_venv_backend = "venv"
+
+PYTHON = "3.11"
+CONSTRAINTS = ("-c", "constraints.txt")
+
+
+def install(session: nox.Session, extras: str = "") -> None:
+    """Install the project (and extras) with pinned versions; torch first so pip keeps the CPU wheel."""
+    session.install(*CONSTRAINTS, "torch")
+    session.install(*CONSTRAINTS, "-e", f".{extras}")
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Run the test suite on the CPU (pass pytest arguments after --)."""
+    install(session, "[test]")
+    session.run("pytest", *(session.posargs or ["-q"]))
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff over the packages, tests and noxfile."""
+    session.install(*CONSTRAINTS, "ruff")
+    session.run("ruff", "check", "suite", "estimators", "reports", "tests", "noxfile.py")
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Benchmarks; figures go to docs/benchmarks.md (pass --quick for a short run)."""
+    install(session)
+    session.run("python", "-m", "suite.bench", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def study(session: nox.Session) -> None:
+    """Run the default job end to end (until the study harness lands: exact + sampler check)."""
+    install(session)
+    out = os.path.join("results", "default")
+    session.run("python", "-m", "suite", "exact", "--env", "FrozenLake8x8-v1", "--gamma", "0.99",
+                "--horizon", "100", "--policy", "trained:fraction=0.5", "--out", out,
+                *session.posargs)

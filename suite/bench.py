@@ -1,0 +1,145 @@
+"""Benchmarks (``nox -s bench``). Each writes its own section of docs/benchmarks.md.
+
+    python -m suite.bench [--only sampler] [--quick] [--device auto|cpu|cuda] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .envs import make_mdp
+from .exact import solve
+from .policies import make_policy
+from .sampler import resolve_device, sample_chunks
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+ENV, GAMMA, H = "FrozenLake8x8-v1", 0.99, 100
+
+
+def machine(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = (f"{cpu}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads; "
+            f"Python {platform.python_version()}, torch {torch.__version__}; device {device}")
+    if device.type == "cuda":
+        text += f" ({torch.cuda.get_device_name(device)})"
+    return text
+
+
+def loop_reinforce(env_id: str, logits: torch.Tensor, gamma: float, horizon: int, n: int,
+                   seed: int = 0) -> tuple[float, int]:
+    """The way most users write REINFORCE: step gymnasium, one backward per trajectory.
+
+    Returns (seconds, transitions).
+    """
+    import gymnasium as gym
+
+    env = gym.make(env_id)
+    theta = logits.clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    steps = 0
+    start = time.perf_counter()
+    for i in range(n):
+        state, _ = env.reset(seed=seed + i)
+        log_probs, rewards = [], []
+        for _ in range(horizon):
+            dist = torch.distributions.Categorical(logits=theta[state])
+            action = dist.sample()
+            log_probs.append(dist.log_prob(action))
+            state, reward, terminated, _, _ = env.step(int(action))
+            rewards.append(float(reward))
+            steps += 1
+            if terminated:
+                break
+        ret = sum(gamma**t * r for t, r in enumerate(rewards))
+        theta.grad = None
+        (-(torch.stack(log_probs).sum() * ret)).backward()
+    return time.perf_counter() - start, steps
+
+
+def _rate(label: str, n: int, seconds: float, steps: int) -> dict:
+    return {"label": label, "n": n, "seconds": seconds, "traj_s": n / seconds,
+            "steps_s": steps / seconds}
+
+
+def bench_sampler(device: torch.device, quick: bool) -> str:
+    mdp = make_mdp(ENV)
+    n_vec, n_loop = (200_000, 50) if quick else (1_000_000, 300)
+    rows, ratios = [], []
+    for spec in ["uniform", "trained:fraction=0.5"]:
+        policy = make_policy(spec, mdp, GAMMA, H)
+        pi = solve(mdp, policy, GAMMA, H).pi
+        list(sample_chunks(mdp, pi, H, 20_000, seed=1, device=device))  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start, steps = time.perf_counter(), 0
+        for batch in sample_chunks(mdp, pi, H, n_vec, seed=0, device=device):
+            steps += int(batch.lengths.sum())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        vec = _rate(f"vectorised sampler, {spec}", n_vec, time.perf_counter() - start, steps)
+        loop_logits = policy.logits_fn(policy.params).detach()
+        seconds, loop_steps = loop_reinforce(ENV, loop_logits, GAMMA, H, n_loop)
+        loop = _rate(f"per-trajectory loop, {spec}", n_loop, seconds, loop_steps)
+        rows += [vec, loop]
+        ratios.append((spec, vec["traj_s"] / loop["traj_s"]))
+    table = ["| what | trajectories | seconds | trajectories/s | transitions/s |",
+             "|---|---:|---:|---:|---:|"]
+    table += [f"| {r['label']} | {r['n']:,} | {r['seconds']:.2f} | {r['traj_s']:,.0f} | "
+              f"{r['steps_s']:,.0f} |" for r in rows]
+    ratio_text = "; ".join(f"{spec}: **{ratio:,.0f}x**" for spec, ratio in ratios)
+    return "\n".join([
+        f"{ENV}, gamma {GAMMA}, H {H}. The loop steps gymnasium's environment and calls "
+        "backward once per trajectory (torch.distributions.Categorical per step); the sampler "
+        "draws every trajectory of a chunk in parallel.", "", *table, "",
+        f"Sampler speed-up over the loop (trajectories/s): {ratio_text}.",
+    ])
+
+
+BENCHMARKS: dict[str, Callable[[torch.device, bool], str]] = {"sampler": bench_sampler}
+
+
+def write_section(name: str, body: str, header: str) -> None:
+    start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
+    block = f"{start}\n{header}\n\n{body}\n{end}"
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nWritten by `nox -s bench`.\n"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text + "\n" + block + "\n"
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m suite.bench", description=__doc__)
+    parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append")
+    parser.add_argument("--quick", action="store_true", help="smaller runs, for a smoke test")
+    parser.add_argument("--device", default="cpu", help="auto | cpu | cuda (default cpu)")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    for name in args.only or list(BENCHMARKS):
+        body = BENCHMARKS[name](device, args.quick)
+        header = (f"## {name} ({'quick' if args.quick else 'full'} run, "
+                  f"{time.strftime('%Y-%m-%d')})\n\nMachine: {machine(device)}.")
+        print(header + "\n\n" + body + "\n")
+        if not args.no_write:
+            write_section(f"{name}-{device.type}", body, header)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

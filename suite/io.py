@@ -1,0 +1,46 @@
+"""Writing results all-or-nothing: everything is computed first, then each file is replaced."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["write_files", "json_bytes", "npy_bytes", "npz_bytes"]
+
+
+def json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def write_files(out_dir: str | os.PathLike, files: dict[str, bytes | Callable[[], bytes]]) -> list[Path]:
+    """Write ``files`` (name -> content) into out_dir; each file appears whole or not at all."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    blobs = {name: (content() if callable(content) else content) for name, content in files.items()}
+    written = []
+    for name, blob in blobs.items():
+        tmp = out / f".{name}.tmp"
+        tmp.write_bytes(blob)
+        os.replace(tmp, out / name)
+        written.append(out / name)
+    return written

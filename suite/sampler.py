@@ -1,0 +1,198 @@
+"""Vectorised trajectory sampler: N episodes of horizon H in parallel on a torch device.
+
+Each step draws one uniform number per trajectory and picks the joint outcome (a, s') of the
+current state, with probability pi(a|s) P(s'|s,a), by Walker's alias method; the reward is
+R(s, a, s'), and a terminating transition moves into an absorbing sink, so every later step is
+masked. Chunks of trajectories are
+sampled one after another so memory stays bounded; chunk c draws from a generator seeded with
+(seed, c), so a result is reproducible from (seed, chunk_size, device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import InputError
+from .mdp import MDP
+
+__all__ = ["Batch", "default_chunk_size", "resolve_device", "sample", "sample_chunks"]
+
+CHUNK_BYTES = 48 * 2**20  # one chunk's buffers: small enough to stay in the allocator's cache
+
+
+@dataclass(frozen=True)
+class Batch:
+    """N sampled trajectories, padded to T = the longest realised length (T <= horizon).
+
+    The sampler returns [N, T] views of time-major storage (stride (1, N)): index them freely,
+    call ``.contiguous()`` where a kernel needs rows.
+    """
+
+    states: Tensor  # [N, T] int64, s_t (0 where mask is False)
+    actions: Tensor  # [N, T] int64, a_t (0 where mask is False)
+    rewards: Tensor  # [N, T] float64, r_t = R(s_t, a_t, s_{t+1}) (0 where mask is False)
+    mask: Tensor  # [N, T] bool, step t happened, i.e. t < lengths[i]
+    lengths: Tensor  # [N] int64, realised length T_i: H, or the step after which it terminated
+    horizon: int  # H, the episode's time limit
+
+    @property
+    def n(self) -> int:
+        return self.states.shape[0]
+
+    def returns(self, gamma: float) -> Tensor:
+        """Discounted return sum_t gamma^t r_t of each trajectory, shape [N]."""
+        T = self.rewards.shape[1]
+        discount = gamma ** torch.arange(T, dtype=torch.float64, device=self.rewards.device)
+        return self.rewards @ discount
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cpu' and 'cuda[:k]' as given."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"device must be auto, cpu or cuda, got '{device}'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was asked for but no CUDA device is available; use auto "
+                         "or cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"device must be auto, cpu or cuda, got '{device}'")
+    return dev
+
+
+def default_chunk_size(horizon: int) -> int:
+    """Trajectories per chunk so that one chunk's buffers take about CHUNK_BYTES."""
+    return max(1024, CHUNK_BYTES // (26 * horizon))
+
+
+def alias_tables(probs: Tensor) -> tuple[Tensor, Tensor]:
+    """Walker's alias tables for each row of probs [R, M] (rows sum to 1), vectorised over rows.
+
+    Drawing column c uniformly and keeping it with probability keep[r, c], else taking
+    alias[r, c], yields column j with probability probs[r, j] exactly (up to float64 rounding).
+    Returns keep [R, M] float64 and alias [R, M] int64.
+    """
+    R, M = probs.shape
+    q = probs.to(torch.float64) * M
+    keep = torch.ones(R, M, dtype=torch.float64)
+    alias = torch.arange(M).repeat(R, 1)
+    done = torch.zeros(R, M, dtype=torch.bool)
+    rows = torch.arange(R)
+    inf = torch.tensor(float("inf"), dtype=torch.float64)
+    for _ in range(M - 1):  # each pass settles one column per row: the smallest remaining q
+        small = torch.where(done, inf, q).argmin(1)
+        large = torch.where(done, -inf, q).argmax(1)
+        keep[rows, small] = q[rows, small].clamp(max=1.0)
+        alias[rows, small] = large
+        q[rows, large] -= 1.0 - q[rows, small]
+        done[rows, small] = True
+    return keep, alias
+
+
+class _Tables:
+    """Joint outcome (a, s') tables of one (MDP, policy) on the sampling device.
+
+    Outcome o = s*M + a*K + k (M = A*K) of state s is action a and successor k. State S is the
+    absorbing sink: a terminating outcome leads there, and the sink only leads back to itself.
+    """
+
+    def __init__(self, mdp: MDP, pi: Tensor, device: torch.device):
+        succ = mdp.successors
+        S, A, K = succ.prob.shape
+        M = A * K
+        joint = (pi.to(torch.float64).cpu()[:, :, None] * succ.prob).reshape(S, M)
+        joint = torch.cat([joint / joint.sum(-1, keepdim=True),
+                           torch.full((1, M), 1.0 / M, dtype=torch.float64)])  # + sink row
+        keep, alias = alias_tables(joint)
+        base = torch.arange(S + 1)[:, None] * M
+        self.M, self.K, self.A, self.sink = M, K, A, S
+        self.keep = keep.reshape(-1).to(device)  # [(S+1)*M]
+        self.alias = (alias + base).reshape(-1).to(device)  # [(S+1)*M] global outcome
+        nxt = torch.where(succ.terminated, S, succ.next_state).reshape(-1)
+        self.next_state = torch.cat([nxt, torch.full((M,), S)]).to(device)
+        self.reward = torch.cat([succ.reward.reshape(-1),
+                                 torch.zeros(M, dtype=torch.float64)]).to(device)
+        rho_keep, rho_alias = alias_tables(mdp.rho0[None, :] / mdp.rho0.sum())
+        self.rho_keep, self.rho_alias = rho_keep[0].to(device), rho_alias[0].to(device)
+
+    @staticmethod
+    def draw(u: Tensor, width: int, base: Tensor | int, keep: Tensor, alias: Tensor) -> Tensor:
+        """Alias draw from one uniform u in [0, 1): column floor(u*width), kept w.p. keep."""
+        x = u * width
+        col = x.long()
+        idx = base + col
+        return torch.where(x - col < keep[idx], idx, alias[idx])
+
+
+def _check(mdp: MDP, pi: Tensor, horizon: int, n: int) -> None:
+    if tuple(pi.shape) != (mdp.n_states, mdp.n_actions):
+        raise InputError(f"policy table must have shape [{mdp.n_states}, {mdp.n_actions}], "
+                         f"got {list(pi.shape)}")
+    if int(horizon) != horizon or horizon < 1:
+        raise InputError(f"horizon must be an integer >= 1, got {horizon}")
+    if n < 1:
+        raise InputError(f"number of trajectories must be >= 1, got {n}")
+
+
+def _sample_chunk(tab: _Tables, horizon: int, n: int, gen: torch.Generator,
+                  device: torch.device) -> Batch:
+    def uniform() -> Tensor:
+        return torch.rand(n, generator=gen, dtype=torch.float64, device=device)
+
+    states = torch.empty(horizon, n, dtype=torch.int64, device=device)
+    outcomes = torch.empty(horizon, n, dtype=torch.int64, device=device)
+    s = _Tables.draw(uniform(), tab.sink, 0, tab.rho_keep, tab.rho_alias)
+    T = horizon
+    for t in range(horizon):
+        if t % 8 == 0 and t > 0 and bool((s == tab.sink).all()):
+            T = t
+            break
+        states[t] = s
+        outcomes[t] = o = _Tables.draw(uniform(), tab.M, s * tab.M, tab.keep, tab.alias)
+        s = tab.next_state[o]
+    states, outcomes = states[:T].T, outcomes[:T].T  # [N, T] views of time-major buffers
+    mask = states != tab.sink
+    actions = (outcomes // tab.K) % tab.A
+    return Batch(
+        states=torch.where(mask, states, 0),
+        actions=torch.where(mask, actions, 0),
+        rewards=tab.reward[outcomes],
+        mask=mask,
+        lengths=mask.sum(1),
+        horizon=int(horizon),
+    )
+
+
+def sample_chunks(mdp: MDP, pi: Tensor, horizon: int, n: int, seed: int = 0,
+                  device: str | torch.device = "auto",
+                  chunk_size: int | None = None) -> Iterator[Batch]:
+    """Yield Batches of at most ``chunk_size`` trajectories, n in total, under policy table pi."""
+    _check(mdp, pi, horizon, n)
+    dev = resolve_device(device)
+    tab = _Tables(mdp, pi.detach(), dev)
+    size = chunk_size or default_chunk_size(horizon)
+    for c, start in enumerate(range(0, n, size)):
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(int(np.random.SeedSequence([int(seed), c]).generate_state(1)[0]))
+        yield _sample_chunk(tab, int(horizon), min(size, n - start), gen, dev)
+
+
+def sample(mdp: MDP, pi: Tensor, horizon: int, n: int, seed: int = 0,
+           device: str | torch.device = "auto", chunk_size: int | None = None) -> Batch:
+    """All n trajectories in one Batch (for moderate n; use sample_chunks for large n)."""
+    chunks = list(sample_chunks(mdp, pi, horizon, n, seed, device, chunk_size))
+    T = max(b.mask.shape[1] for b in chunks)
+
+    def cat(field: str) -> Tensor:
+        return torch.cat([torch.nn.functional.pad(getattr(b, field), (0, T - b.mask.shape[1]))
+                          for b in chunks])
+
+    return Batch(cat("states"), cat("actions"), cat("rewards"), cat("mask"),
+                 torch.cat([b.lengths for b in chunks]), int(horizon))

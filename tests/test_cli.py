@@ -1,0 +1,64 @@
+import json
+
+import numpy as np
+import pytest
+
+from suite.cli import main
+from suite.envs import make_mdp
+from suite.exact import solve
+from suite.policies import uniform
+
+
+def test_exact_prints_and_writes(tmp_path, capsys):
+    code = main(["exact", "--env", "FrozenLake-v1", "--gamma", "0.9", "--horizon", "20",
+                 "--out", str(tmp_path)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "J " in text and "|grad J|" in text
+    record = json.loads((tmp_path / "exact.json").read_text())
+    assert {"J", "grad_norm", "n_states", "n_actions", "gamma", "horizon"} <= set(record)
+    grad = np.load(tmp_path / "exact_grad.npy")
+    assert grad.shape == (16, 4) and grad.dtype == np.float64
+    sol = solve(make_mdp("FrozenLake-v1"), uniform(16, 4), 0.9, 20)
+    assert record["J"] == sol.J and np.allclose(grad.reshape(-1), sol.grad.numpy(), rtol=0)
+    assert record["grad_norm"] == pytest.approx(np.linalg.norm(grad))
+
+
+def test_envs_lists_everything(capsys):
+    assert main(["envs"]) == 0
+    out = capsys.readouterr().out
+    for name in ["FrozenLake8x8-v1", "CliffWalkingSlippery-v1", "Taxi-v4", "garnet", "chain", ".npz"]:
+        assert name in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--env", "FrozenLak-v1"], "did you mean 'FrozenLake-v1'"),
+    (["--env", "CartPole-v1"], "tabular model"),
+    (["--env", "Taxi-v4", "--gamma", "1.5"], "gamma must lie in [0, 1]"),
+    (["--env", "Taxi-v4", "--horizon", "0"], "horizon must be an integer >= 1"),
+    (["--env", "FrozenLake-v1", "--policy", "BADSHAPE"], "shape [S, A]"),
+    (["--env", "BADNPZ"], "missing array"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, args, message):
+    np.save(tmp_path / "bad.npy", np.zeros((3, 3)))
+    np.savez(tmp_path / "bad.npz", P=np.ones((2, 2, 2)) / 2)
+    args = [a.replace("BADSHAPE", str(tmp_path / "bad.npy"))
+            .replace("BADNPZ", str(tmp_path / "bad.npz")) for a in args]
+    defaults = {"--gamma": "0.9", "--horizon": "5"}
+    for key, value in defaults.items():
+        if key not in args:
+            args += [key, value]
+    out = tmp_path / "out"
+    assert main(["exact", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_module_entry_point_exit_code():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "suite", "exact", "--env", "Nope-v0",
+                           "--gamma", "0.9", "--horizon", "3"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: unknown environment")
