@@ -29,7 +29,7 @@ def _add_problem_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="uniform",
                    help="uniform (default) | random:temperature=1,seed=0 | trained:fraction=0.5 | "
                         "mlp:hidden=16,seed=0 | path to an .npy of logits [S, A]")
-    p.add_argument("--out", help="directory for exact.json and exact_grad.npy")
+    p.add_argument("--out", help="directory for the results (exact.json, exact_grad.npy, ...)")
 
 
 def _problem(args):
@@ -78,6 +78,84 @@ def cmd_exact(args) -> int:
     return 0
 
 
+def _fmt_ci(value: float, ci: list[float]) -> str:
+    return f"{value:.3g} [{ci[0]:.3g}, {ci[1]:.3g}]"
+
+
+def stats_table(stats: dict[str, dict], batch_size: int) -> str:
+    """The readable table `measure` prints."""
+    head = ["estimator", "claim", "rel. bias [95% CI]", "p-value", "variance", "var/reinforce",
+            f"cos@B={batch_size}"]
+    rows = []
+    for name, row in stats.items():
+        at_b = row["at_batch_size"].get(batch_size, {})
+        ratio = row.get("variance_ratio")
+        rows.append([
+            name, "unbiased" if row["claims_unbiased"] else "biased",
+            _fmt_ci(row["rel_bias"], row["rel_bias_ci"]),
+            f"{row['p_value']:.4f}" + (" *" if row["rejects_unbiased"] else ""),
+            f"{row['variance']:.4g}",
+            "-" if ratio is None else _fmt_ci(ratio, row["variance_ratio_ci"]),
+            f"{at_b['cosine']:.3f}" if at_b else "-",
+        ])
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(f"{c:<{w}}" for c, w in zip(r, widths, strict=True)) for r in [head, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_measure(args) -> int:
+    import estimators
+
+    from .io import json_bytes, npz_bytes, write_files
+    from .measure import check_sizes, measure
+    from .sampler import resolve_device
+
+    chosen = estimators.resolve(args.estimators)
+    check_sizes(args.trajectories, args.batch_size, chosen)
+    device = resolve_device(args.device)
+    mdp, policy, sol = _problem(args)
+    from tqdm import tqdm
+
+    with tqdm(total=args.trajectories, unit="traj", unit_scale=True, disable=None,
+              desc="measure", file=sys.stderr) as bar:
+        result = measure(mdp, policy, sol, chosen, args.trajectories, args.batch_size,
+                         args.seed, device, progress=bar.update)
+    print(f"environment  {mdp.name} ({mdp.n_states} states, {mdp.n_actions} actions), "
+          f"policy {policy.name}, gamma {sol.gamma:g}, horizon {sol.horizon}")
+    print(f"J = {sol.J:.6g}, |grad J| = {sol.grad_norm:.6g}; {args.trajectories:,} trajectories "
+          f"({result.n_steps:,} steps) in batches of {args.batch_size}, seed {args.seed}, "
+          f"{device}, {result.seconds:.1f} s")
+    print()
+    print(stats_table(result.stats, args.batch_size))
+    alpha = next(iter(result.stats.values()))["alpha"]
+    print(f"\n* rejects 'mean = grad J' at level {alpha} (sign-flip test over "
+          f"{next(iter(result.stats.values()))['n_groups']} groups of batches); intervals: "
+          "bootstrap over the same groups; variance = trace of the per-trajectory covariance.")
+    if args.out:
+        meta = {"env": mdp.name, "policy": policy.name, "gamma": sol.gamma, "horizon": sol.horizon,
+                "trajectories": args.trajectories, "batch_size": args.batch_size,
+                "seed": args.seed, "device": str(device), "J": sol.J, "grad_norm": sol.grad_norm}
+        shape = (mdp.n_states, mdp.n_actions) if policy.tabular else (policy.n_params,)
+        files = exact_files(mdp, policy, sol)
+        files["stats.json"] = json_bytes({"condition": meta, "estimators": result.stats})
+        files["means.npz"] = npz_bytes({k: v.reshape(shape) for k, v in result.means.items()})
+        for path in write_files(args.out, files):
+            print(f"wrote {path}")
+    return 0
+
+
+def cmd_estimators(args) -> int:
+    import estimators
+
+    for name in estimators.names():
+        est = estimators.get(name)
+        print(f"{name}\n    formula:   {est.formula}\n    claim:     {est.condition}\n"
+              f"    reference: {est.reference}")
+    print("\nAlso: gae:lambda=L,critic=exact|perturbed|timeless[,sigma=X][,seed=K]")
+    return 0
+
+
 def cmd_envs(args) -> int:
     from .envs import available_envs
 
@@ -101,6 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("exact", help="exact J and grad J of one environment and policy")
     _add_problem_args(p)
     p.set_defaults(func=cmd_exact)
+    p = sub.add_parser("measure", help="bias and variance of the estimators on one rollout")
+    _add_problem_args(p)
+    p.add_argument("--trajectories", type=int, required=True, help="N trajectories")
+    p.add_argument("--batch-size", type=int, default=10, help="B (default 10); must divide N")
+    p.add_argument("--estimators", default="all", help="comma-separated names, or all (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda")
+    p.set_defaults(func=cmd_measure)
+    p = sub.add_parser("estimators", help="list the registered estimators and their claims")
+    p.set_defaults(func=cmd_estimators)
     return parser
 
 

@@ -12,6 +12,7 @@ as an independent check.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,11 @@ class ExactSolution:
     @property
     def grad_norm(self) -> float:
         return float(self.grad.norm())
+
+    def to(self, device: torch.device | str) -> ExactSolution:
+        """The same solution with its tensors on ``device``."""
+        return dataclasses.replace(self, **{k: getattr(self, k).to(device)
+                                            for k in ("grad", "pi", "Q", "V", "d")})
 
 
 def check_gamma_horizon(gamma: float, horizon: int) -> None:

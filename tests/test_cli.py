@@ -62,3 +62,41 @@ def test_module_entry_point_exit_code():
     proc = subprocess.run([sys.executable, "-m", "suite", "exact", "--env", "Nope-v0",
                            "--gamma", "0.9", "--horizon", "3"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: unknown environment")
+
+
+def test_measure_prints_table_and_writes_stats(tmp_path, capsys):
+    out = tmp_path / "m"
+    code = main(["measure", "--env", "FrozenLake-v1", "--gamma", "0.9", "--horizon", "20",
+                 "--policy", "trained:fraction=0.3", "--trajectories", "2000", "--batch-size", "10",
+                 "--estimators", "reward_to_go,final_formula_single_step", "--seed", "3",
+                 "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    for word in ["reinforce", "reward_to_go", "final_formula_single_step", "p-value", "cos@B=10"]:
+        assert word in text
+    stats = json.loads((out / "stats.json").read_text())["estimators"]
+    assert set(stats) == {"reinforce", "reward_to_go", "final_formula_single_step"}
+    for row in stats.values():
+        assert {"variance", "rel_bias", "rel_bias_ci", "p_value", "claims_unbiased"} <= set(row)
+    assert stats["reinforce"]["claims_unbiased"] and not stats["final_formula_single_step"]["claims_unbiased"]
+    means = np.load(out / "means.npz")
+    assert set(means.files) == set(stats) and means["reinforce"].shape == (16, 4)
+    assert (out / "exact.json").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--estimators", "reinfroce"], "did you mean 'reinforce'"),
+    (["--batch-size", "7"], "must divide"),
+    (["--batch-size", "1"], "batch size must be >= 2"),
+    (["--trajectories", "50"], "too few trajectories"),
+])
+def test_measure_bad_input(tmp_path, capsys, args, message):
+    base = {"--env": "FrozenLake-v1", "--gamma": "0.9", "--horizon": "5", "--trajectories": "1000"}
+    for key, value in base.items():
+        if key not in args:
+            args = args + [key, value]
+    out = tmp_path / "out"
+    assert main(["measure", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()

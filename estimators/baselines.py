@@ -1,0 +1,74 @@
+"""Reward-to-go with baselines: batch mean, leave-one-out, exact and fitted value, optimal constant."""
+
+from __future__ import annotations
+
+import torch
+
+from .context import Context
+from .registry import register
+
+
+@register("batch_mean_baseline", formula="sum_t gamma^t psi_t (G_t - mean_j G_t^j)",
+          unbiased=False, needs_batch=True,
+          condition="biased: the mean includes the trajectory itself, so E = (B-1)/B grad J",
+          reference="Kool, van Hoof & Welling 2019, 'Buy 4 REINFORCE samples, get a baseline "
+                    "for free!'")
+def batch_mean_baseline(ctx: Context):
+    """w_t = gamma^t (G_t - (1/B) sum_{j in batch} G_t^j), self included (G_t^j = 0 once j ended)."""
+    G = ctx.reward_to_go
+    return ctx.discount * (G - ctx.batch_sum(G) / ctx.batch_size) * ctx.batch.mask
+
+
+@register("leave_one_out_baseline", formula="sum_t gamma^t psi_t (G_t - mean_{j != i} G_t^j)",
+          unbiased=True, needs_batch=True,
+          condition="unbiased: the baseline is independent of the trajectory it is applied to",
+          reference="Kool, van Hoof & Welling 2019")
+def leave_one_out_baseline(ctx: Context):
+    """w_t = gamma^t (G_t - (1/(B-1)) sum_{j != i} G_t^j)."""
+    G = ctx.reward_to_go
+    B = ctx.batch_size
+    return ctx.discount * (G - (ctx.batch_sum(G) - G) / (B - 1)) * ctx.batch.mask
+
+
+@register("exact_value_baseline", formula="sum_t gamma^t psi_t (G_t - V_t(s_t))", unbiased=True,
+          condition="unbiased: a baseline that depends on the state only",
+          reference="Sutton & Barto 2018, sec. 13.4 (REINFORCE with baseline)")
+def exact_value_baseline(ctx: Context):
+    """w_t = gamma^t (G_t - V_t(s_t)) with the exact finite-horizon value V_t."""
+    return ctx.discount * (ctx.reward_to_go - ctx.value_at(ctx.exact.V)) * ctx.batch.mask
+
+
+@register("fitted_value_baseline", formula="sum_t gamma^t psi_t (G_t - Vhat(s_t)), Vhat from the "
+          "other half of the batch", unbiased=True, needs_batch=True,
+          condition="unbiased: Vhat is fitted on the other half of the batch (cross-fitting)",
+          reference="Chernozhukov et al. 2018 (cross-fitting); Sutton & Barto 2018, sec. 13.4")
+def fitted_value_baseline(ctx: Context):
+    """w_t = gamma^t (G_t - Vhat(s_t)), Vhat(s) = mean of G_t over the visits to s in the other
+    half of the batch (0 for states it never visited)."""
+    G, mask, states = ctx.reward_to_go, ctx.batch.mask, ctx.batch.states
+    S = ctx.exact.pi.shape[0]
+    key = (ctx.half[:, None] * S + states)[mask]
+    sums = torch.zeros(ctx.n_halves * S, dtype=G.dtype, device=G.device).index_add_(0, key, G[mask])
+    visits = torch.zeros_like(sums).index_add_(0, key, torch.ones_like(G[mask]))
+    v_hat = torch.where(visits > 0, sums / visits.clamp(min=1), torch.zeros_like(sums))
+    baseline = v_hat[ctx.other_half[:, None] * S + states]
+    return ctx.discount * (G - baseline) * mask
+
+
+@register("optimal_constant_baseline", kind="grads", needs_batch=True, unbiased=True,
+          formula="(sum_t psi_tk)(G_0 - b_k), b_k = E[(sum_t psi_tk)^2 G_0] / E[(sum_t psi_tk)^2]",
+          condition="unbiased: b is estimated on the other half of the batch (cross-fitting)",
+          reference="Greensmith, Bartlett & Baxter 2004, 'Variance reduction techniques for "
+                    "gradient estimates in reinforcement learning', Thm. 8")
+def optimal_constant_baseline(ctx: Context):
+    """Per-parameter constant baseline that minimises the variance of REINFORCE, cross-fitted:
+    g_ik = R_ik (G_0 - b_k), R_i = sum_t grad log pi(a_t|s_t), b from the other half (0 where the
+    other half has no score in coordinate k)."""
+    R = ctx.score(ctx.batch.mask.to(torch.float64))  # sum_t psi_t
+    G0 = ctx.reward_to_go[:, 0]
+    R2 = R.square()
+    num = R2.times_traj(G0).group_sum(ctx.half, ctx.n_halves)
+    den = R2.group_sum(ctx.half, ctx.n_halves)
+    b = torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num))
+    swapped = b.reshape(-1, 2, b.shape[1]).flip(1).reshape(b.shape)  # fold h gets fold h^1's b
+    return R.times_traj(G0) - R.times_param(swapped, ctx.half)

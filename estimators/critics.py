@@ -1,0 +1,119 @@
+"""Critic-based estimators: exact Q and advantage, GAE(lambda) with several critics, all-action."""
+
+from __future__ import annotations
+
+import torch
+
+from suite.errors import InputError
+
+from .context import Context
+from .registry import Estimator, register
+
+
+@register("q_oracle", formula="sum_t gamma^t psi_t Q_t(s_t, a_t)", unbiased=True,
+          condition="unbiased: E[G_t | s_t, a_t] = Q_t(s_t, a_t)",
+          reference="Sutton et al. 2000, 'Policy gradient methods ... function approximation'")
+def q_oracle(ctx: Context):
+    """w_t = gamma^t Q_t(s_t, a_t) with the exact finite-horizon Q."""
+    return ctx.discount * ctx.q_at(ctx.exact.Q) * ctx.batch.mask
+
+
+@register("advantage_oracle", formula="sum_t gamma^t psi_t A_t(s_t, a_t)", unbiased=True,
+          condition="unbiased: A_t = Q_t - V_t, a state baseline on q_oracle",
+          reference="Sutton et al. 2000; Schulman et al. 2016 (GAE), sec. 2")
+def advantage_oracle(ctx: Context):
+    """w_t = gamma^t (Q_t(s_t, a_t) - V_t(s_t))."""
+    adv = ctx.q_at(ctx.exact.Q) - ctx.value_at(ctx.exact.V)
+    return ctx.discount * adv * ctx.batch.mask
+
+
+@register("all_action", kind="grads", unbiased=True,
+          formula="sum_t gamma^t sum_a grad pi(a|s_t) Q_t(s_t, a)",
+          condition="unbiased: the expectation over a_t taken exactly (expected policy gradient)",
+          reference="Ciosek & Whiteson 2018, 'Expected policy gradients'; Sutton et al. 2000")
+def all_action(ctx: Context):
+    """Integrates the action out at every visited state with the exact Q_t: not a weighting."""
+    Q = ctx.exact.Q[ctx.steps, ctx.batch.states]  # [N, T, A]
+    return ctx.pi_grad(ctx.discount[None, :, None] * Q)
+
+
+def critic_table(ctx: Context, critic: str, sigma: float, seed: int) -> torch.Tensor:
+    """V used by GAE, shape [H+1, S]: exact V_t; V_t + sigma * max|V| * N(0,1) noise fixed by the
+    seed (sigma is relative to the value scale; V_H stays 0); or the time-independent V_0(s) at
+    every t < H."""
+    V = ctx.exact.V
+    if critic == "exact":
+        return V
+    if critic == "perturbed":
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn(V.shape, generator=gen, dtype=V.dtype).to(V.device)
+        noise[-1] = 0.0
+        return V + sigma * V.abs().max() * noise
+    if critic == "timeless":
+        out = V[:1].expand_as(V).clone()
+        out[-1] = 0.0
+        return out
+    raise InputError(f"gae: critic must be exact, perturbed or timeless, got '{critic}'")
+
+
+def gae(ctx: Context, lam: float, critic: str = "exact", sigma: float = 0.0, seed: int = 0):
+    """w_t = gamma^t sum_{l>=0} (gamma lambda)^l delta_{t+l},
+    delta_t = r_t + gamma V(t+1, s_{t+1}) - V(t, s_t), V = 0 after termination or at the horizon.
+
+    Unbiased with the exact critic for every lambda (E[delta_t | s_t, a_t] = A_t and later deltas
+    have mean 0), and for any critic at lambda = 1 (the sum telescopes to G_t - V(t, s_t)).
+    """
+    V = critic_table(ctx, critic, sigma, seed)
+    delta = (ctx.batch.rewards + ctx.gamma * ctx.next_value(V) - ctx.value_at(V)) * ctx.batch.mask
+    adv = torch.zeros_like(delta)
+    acc = torch.zeros(delta.shape[0], dtype=delta.dtype, device=delta.device)
+    for t in range(ctx.T - 1, -1, -1):
+        acc = delta[:, t] + ctx.gamma * lam * acc
+        adv[:, t] = acc
+    return ctx.discount * adv
+
+
+def _gae_claim(lam: float, critic: str) -> tuple[bool, str]:
+    if critic == "exact":
+        return True, "unbiased for every lambda with the exact critic V_t"
+    if lam == 1.0:
+        return True, "unbiased: at lambda = 1 the critic is only a baseline"
+    return False, f"biased: a {critic} critic with lambda < 1 bootstraps on wrong values"
+
+
+def _register_gae(name: str, lam: float, critic: str = "exact", sigma: float = 0.0) -> None:
+    unbiased, condition = _gae_claim(lam, critic)
+    formula = f"sum_t gamma^t psi_t sum_l (gamma lambda)^l delta_(t+l); lambda={lam:g}, " \
+              f"critic={critic}" + (f", sigma={sigma:g}" if critic == "perturbed" else "")
+    register(name, formula=formula, unbiased=unbiased, condition=condition,
+             reference="Schulman et al. 2016, 'High-dimensional continuous control using "
+                       "generalized advantage estimation'",
+             lam=lam, critic=critic, sigma=sigma)(gae)
+
+
+_register_gae("gae", 0.95)
+for _lam in (0.0, 0.5, 1.0):
+    _register_gae(f"gae_lambda_{_lam:g}", _lam)
+for _lam in (0.5, 1.0):
+    _register_gae(f"gae_perturbed_lambda_{_lam:g}", _lam, "perturbed", 0.5)
+_register_gae("gae_timeless_lambda_0.5", 0.5, "timeless")
+
+
+def gae_entry(spec: str, **kw) -> Estimator:
+    """An unregistered GAE variant from ``gae:lambda=L,critic=C[,sigma=X][,seed=K]``."""
+    allowed = {"lambda", "critic", "sigma", "seed"}
+    bad = sorted(set(kw) - allowed)
+    if bad:
+        raise InputError(f"gae: unknown option '{bad[0]}'; valid options: {', '.join(sorted(allowed))}")
+    lam = kw.get("lambda", 0.95)
+    critic = str(kw.get("critic", "exact"))
+    sigma = float(kw.get("sigma", 0.5 if critic == "perturbed" else 0.0))
+    if not isinstance(lam, int | float) or not 0.0 <= lam <= 1.0:
+        raise InputError(f"gae: lambda must lie in [0, 1], got {lam}")
+    if critic not in ("exact", "perturbed", "timeless"):
+        raise InputError(f"gae: critic must be exact, perturbed or timeless, got '{critic}'")
+    unbiased, condition = _gae_claim(float(lam), critic)
+    params = {"lam": float(lam), "critic": critic, "sigma": sigma, "seed": int(kw.get("seed", 0))}
+    return Estimator(spec, lambda ctx: gae(ctx, **params), "weights",
+                     f"GAE lambda={lam:g}, critic={critic}", "Schulman et al. 2016",
+                     lambda gamma, _u=unbiased: _u, condition, False, params)

@@ -1,0 +1,135 @@
+"""The estimator registry: a decorator, a lookup with a did-you-mean, and the contract.
+
+An estimator is a short function of a ``Context`` (the batch, the exact solution, helpers) that
+returns one of three kinds of result:
+
+* ``weights``: w [N, T]; the estimate is g_i = sum_t w_it grad log pi(a_it|s_it)
+* ``single_step``: (q [N, T], c [N, T]); one step t* ~ q_i (rows may sum to < 1: the rest is
+  "no step", estimate 0) and g_i = c_it* grad log pi(a_it*|s_it*). The exact expectation over t*
+  is the weighting q * c, which the enumeration tests use.
+* ``grads``: the per-trajectory gradients directly (a ``suite.contraction.Grads``)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from suite.contraction import Grads
+from suite.errors import InputError, unknown_name
+from suite.specs import parse_spec
+
+from .context import Context
+
+__all__ = ["REGISTRY", "Estimator", "get", "names", "register", "resolve"]
+
+KINDS = ("weights", "single_step", "grads")
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """A registered estimator and its claim."""
+
+    name: str
+    fn: Callable[[Context], object]
+    kind: str  # one of KINDS
+    formula: str  # one line
+    reference: str
+    unbiased_if: Callable[[float], bool]  # gamma -> is it claimed unbiased for grad J?
+    condition: str  # the claim in words
+    needs_batch: bool = False  # uses the other trajectories of its batch (needs B >= 2)
+    params: dict = field(default_factory=dict)
+
+    def claims_unbiased(self, gamma: float) -> bool:
+        return bool(self.unbiased_if(gamma))
+
+    def gradients(self, ctx: Context, expectation: bool = False) -> Grads:
+        """Per-trajectory gradients on ctx's batch; ``expectation`` averages over the
+        estimator's own randomness exactly (single-step estimators) instead of sampling it."""
+        out = self.fn(ctx)
+        if self.kind == "grads":
+            return out
+        if self.kind == "weights":
+            return ctx.score(out)
+        q, c = out
+        if expectation:
+            return ctx.score(q * c)
+        return ctx.score(_draw_single_step(q, c, ctx.generator))
+
+
+def _draw_single_step(q: torch.Tensor, c: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Weights that are c_it* at one t* ~ q_i and 0 elsewhere (0 everywhere w.p. 1 - sum q_i)."""
+    u = torch.rand(q.shape[0], 1, generator=gen, dtype=q.dtype, device=q.device)
+    t_star = (q.cumsum(1) <= u).sum(1, keepdim=True)  # == T when u falls in the "no step" mass
+    onehot = torch.arange(q.shape[1], device=q.device)[None, :] == t_star
+    return torch.where(onehot, c, torch.zeros((), dtype=c.dtype, device=c.device))
+
+
+REGISTRY: dict[str, Estimator] = {}
+
+
+def register(name: str, *, formula: str, reference: str, unbiased: bool | Callable[[float], bool],
+             condition: str, kind: str = "weights", needs_batch: bool = False, **params):
+    """Decorator: ``@register("reinforce", formula=..., reference=..., unbiased=True, ...)``.
+
+    Extra keyword arguments are bound to the function (one function, several entries).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    predicate = unbiased if callable(unbiased) else (lambda gamma, _u=bool(unbiased): _u)
+
+    def deco(fn):
+        if name in REGISTRY:
+            raise ValueError(f"estimator {name!r} is registered twice")
+        bound = (lambda ctx, _fn=fn, _p=params: _fn(ctx, **_p)) if params else fn
+        REGISTRY[name] = Estimator(name, bound, kind, formula, reference, predicate, condition,
+                                   needs_batch, dict(params))
+        return fn
+
+    return deco
+
+
+def names() -> list[str]:
+    return list(REGISTRY)
+
+
+def get(name: str) -> Estimator:
+    """The registered estimator, or a parametrised GAE from a spec
+    ``gae:lambda=0.7,critic=perturbed,sigma=0.5`` (critic: exact | perturbed | timeless)."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    base, kwargs = parse_spec(name)
+    if base == "gae" and kwargs:
+        from .critics import gae_entry
+
+        return gae_entry(name, **kwargs)
+    raise unknown_name("estimator", name, REGISTRY)
+
+
+def resolve(spec: str | list[str]) -> list[Estimator]:
+    """'all', a comma-separated list, or a list of names -> estimators (reinforce first)."""
+    items = spec if isinstance(spec, list) else _split(spec)
+    if items == ["all"]:
+        items = names()
+    if not items:
+        raise InputError("no estimator given; pass names separated by commas, or 'all'")
+    chosen = [get(n) for n in items]
+    if "reinforce" not in items:  # the reference of the paired variance ratio
+        chosen.insert(0, REGISTRY["reinforce"])
+    seen: dict[str, Estimator] = {}
+    for est in chosen:
+        seen.setdefault(est.name, est)
+    return list(seen.values())
+
+
+def _split(spec: str) -> list[str]:
+    """Split on commas that are not inside a gae:... spec (gae:lambda=0.5,critic=exact)."""
+    out: list[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if out and "=" in part and ":" not in part and ":" in out[-1]:
+            out[-1] += "," + part
+        elif part:
+            out.append(part)
+    return out

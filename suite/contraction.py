@@ -1,0 +1,196 @@
+"""From per-step weights to per-trajectory gradients, without autograd in the hot path.
+
+Two forms of the same object, the per-trajectory gradients X [N, P]:
+
+* ``RowGrads`` (tabular softmax): grad_theta log pi(a|s) = onehot(a) - pi(.|s) lives in row s
+  of theta [S, A], so X_i is non-zero only on the states trajectory i visited. X is kept as one
+  A-vector per visited (trajectory, state) pair: values [V, A]. Memory and work scale with the
+  steps sampled, not with N x P (Taxi has P = 3000).
+* ``DenseGrads`` (any differentiable policy): X = C @ J with C [N, S*A] the per-trajectory
+  cotangent on the log-pi (or pi) table and J [S*A, P] its Jacobian (torch.func.jacrev), exact
+  because the policy sees the state only through its index.
+
+``Contraction.for_batch(batch)`` builds the shared index once per chunk; every estimator then
+costs a scatter and a few passes over its values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .policies import Policy
+from .sampler import Batch
+
+__all__ = ["Contraction", "DenseGrads", "Grads", "RowGrads"]
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Visited (trajectory, state) pairs of one batch, and the map from steps to them."""
+
+    step_row: Tensor  # [L] row of each sampled step (L = number of masked steps)
+    step_action: Tensor  # [L] action of each sampled step
+    row_traj: Tensor  # [V] trajectory of each row
+    row_state: Tensor  # [V] state of each row
+    n: int  # N trajectories
+    S: int
+    A: int
+
+
+class Grads:
+    """Per-trajectory gradients X [N, P] of one estimator on one batch (see module doc)."""
+
+    n: int
+
+    def sq_norms(self) -> Tensor:  # [N] |X_i|^2
+        raise NotImplementedError
+
+    def group_sum(self, group: Tensor, n_groups: int) -> Tensor:  # [G, P] sums of X_i by group
+        raise NotImplementedError
+
+    def times_traj(self, c: Tensor) -> Grads:  # X_i * c_i
+        raise NotImplementedError
+
+    def times_param(self, b: Tensor, group: Tensor) -> Grads:  # X_i * b[group_i], b [G, P]
+        raise NotImplementedError
+
+    def dense(self) -> Tensor:  # [N, P], for tests and small batches
+        return self.group_sum(torch.arange(self.n, device=self._device), self.n)
+
+
+@dataclass(frozen=True)
+class RowGrads(Grads):
+    values: Tensor  # [V, A] gradient entries of each visited (trajectory, state) row
+    rows: _Rows
+
+    @property
+    def n(self) -> int:
+        return self.rows.n
+
+    @property
+    def _device(self) -> torch.device:
+        return self.values.device
+
+    def sq_norms(self) -> Tensor:
+        out = torch.zeros(self.rows.n, dtype=self.values.dtype, device=self.values.device)
+        return out.index_add_(0, self.rows.row_traj, (self.values**2).sum(1))
+
+    def group_sum(self, group: Tensor, n_groups: int) -> Tensor:
+        S, A = self.rows.S, self.rows.A
+        out = torch.zeros(n_groups * S, A, dtype=self.values.dtype, device=self.values.device)
+        out.index_add_(0, group[self.rows.row_traj] * S + self.rows.row_state, self.values)
+        return out.reshape(n_groups, S * A)
+
+    def times_traj(self, c: Tensor) -> RowGrads:
+        return RowGrads(self.values * c[self.rows.row_traj, None], self.rows)
+
+    def times_param(self, b: Tensor, group: Tensor) -> RowGrads:
+        table = b.reshape(-1, self.rows.S, self.rows.A)
+        return RowGrads(self.values * table[group[self.rows.row_traj], self.rows.row_state],
+                        self.rows)
+
+    def __add__(self, other: RowGrads) -> RowGrads:
+        return RowGrads(self.values + other.values, self.rows)
+
+    def __sub__(self, other: RowGrads) -> RowGrads:
+        return RowGrads(self.values - other.values, self.rows)
+
+    def square(self) -> RowGrads:
+        return RowGrads(self.values**2, self.rows)
+
+
+@dataclass(frozen=True)
+class DenseGrads(Grads):
+    values: Tensor  # [N, P]
+
+    @property
+    def n(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def _device(self) -> torch.device:
+        return self.values.device
+
+    def sq_norms(self) -> Tensor:
+        return (self.values**2).sum(1)
+
+    def group_sum(self, group: Tensor, n_groups: int) -> Tensor:
+        out = torch.zeros(n_groups, self.values.shape[1], dtype=self.values.dtype,
+                          device=self.values.device)
+        return out.index_add_(0, group, self.values)
+
+    def times_traj(self, c: Tensor) -> DenseGrads:
+        return DenseGrads(self.values * c[:, None])
+
+    def times_param(self, b: Tensor, group: Tensor) -> DenseGrads:
+        return DenseGrads(self.values * b[group])
+
+    def __add__(self, other: DenseGrads) -> DenseGrads:
+        return DenseGrads(self.values + other.values)
+
+    def __sub__(self, other: DenseGrads) -> DenseGrads:
+        return DenseGrads(self.values - other.values)
+
+    def square(self) -> DenseGrads:
+        return DenseGrads(self.values**2)
+
+
+class Contraction:
+    """Turns step weights (or per-step cotangents on pi) into Grads for one policy and batch."""
+
+    def __init__(self, policy: Policy, device: torch.device):
+        self.policy = policy
+        self.S, self.A = policy.n_states, policy.n_actions
+        theta = policy.params.detach()
+        self.pi = policy.probs(theta).detach().to(device)  # [S, A]
+        self.tabular = policy.tabular
+        if not self.tabular:  # Jacobians of the log-pi and pi tables, [S*A, P]
+            jac = torch.func.jacrev
+            self.J_log = jac(lambda p: policy.log_probs(p).reshape(-1))(theta).to(device)
+            self.J_pi = jac(lambda p: policy.probs(p).reshape(-1))(theta).to(device)
+        self.batch: Batch | None = None
+
+    def for_batch(self, batch: Batch) -> Contraction:
+        """Index the batch's steps once (shared by every estimator on this batch)."""
+        mask = batch.mask
+        self.batch = batch
+        self.step_mask = mask
+        traj = torch.arange(batch.n, device=mask.device)[:, None].expand_as(mask)[mask]
+        states, actions = batch.states[mask], batch.actions[mask]
+        self.step_traj, self.step_state, self.step_action = traj, states, actions
+        if self.tabular:
+            keys, step_row = torch.unique(traj * self.S + states, return_inverse=True)
+            self.rows = _Rows(step_row, actions, keys // self.S, keys % self.S, batch.n, self.S,
+                              self.A)
+        return self
+
+    def score(self, weights: Tensor) -> Grads:
+        """X_i = sum_t w_it grad log pi(a_it|s_it), from weights [N, T] (ignored where masked)."""
+        w = weights[self.step_mask]
+        if self.tabular:
+            r = self.rows
+            counts = torch.zeros(len(r.row_traj) * self.A, dtype=w.dtype, device=w.device)
+            counts = counts.index_add_(0, r.step_row * self.A + r.step_action, w).reshape(-1, self.A)
+            pi_rows = self.pi[r.row_state]
+            return RowGrads(counts - pi_rows * counts.sum(1, keepdim=True), r)
+        cot = torch.zeros(self.batch.n * self.S * self.A, dtype=w.dtype, device=w.device)
+        idx = (self.step_traj * self.S + self.step_state) * self.A + self.step_action
+        cot = cot.index_add_(0, idx, w).reshape(self.batch.n, -1)
+        return DenseGrads(cot @ self.J_log)
+
+    def pi_grad(self, steps: Tensor) -> Grads:
+        """X_i = sum_t sum_a c_it[a] grad pi(a|s_it), from per-step cotangents steps [N, T, A]."""
+        c = steps[self.step_mask]  # [L, A]
+        if self.tabular:
+            r = self.rows
+            acc = torch.zeros(len(r.row_traj), self.A, dtype=c.dtype, device=c.device)
+            acc = acc.index_add_(0, r.step_row, c)
+            pi_rows = self.pi[r.row_state]
+            weighted = pi_rows * acc
+            return RowGrads(weighted - pi_rows * weighted.sum(1, keepdim=True), r)
+        cot = torch.zeros(self.batch.n * self.S, self.A, dtype=c.dtype, device=c.device)
+        cot = cot.index_add_(0, self.step_traj * self.S + self.step_state, c)
+        return DenseGrads(cot.reshape(self.batch.n, -1) @ self.J_pi)
