@@ -43,9 +43,16 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def study(session: nox.Session) -> None:
-    """Run the default job end to end (until the study harness lands: exact + sampler check)."""
+    """Run a study end to end (default: studies/default.toml); `nox -s study -- FILE [options]`."""
     install(session)
-    out = os.path.join("results", "default")
-    session.run("python", "-m", "suite", "exact", "--env", "FrozenLake8x8-v1", "--gamma", "0.99",
-                "--horizon", "100", "--policy", "trained:fraction=0.5", "--out", out,
-                *session.posargs)
+    args = session.posargs or ["studies/default.toml"]
+    session.run("python", "-m", "suite", "study", *args)
+
+
+@nox.session(python=PYTHON)
+def ui(session: nox.Session) -> None:
+    """The MLflow UI on http://127.0.0.1:5000 against the same store as the studies."""
+    install(session)
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    session.run("mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port",
+                os.environ.get("MLFLOW_UI_PORT", "5000"), *session.posargs)

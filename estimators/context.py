@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -24,6 +25,11 @@ class Context:
     batch_size: int  # B: trajectories i and j share a batch iff i // B == j // B
     generator: torch.Generator | None = None  # the estimators' own randomness
 
+    @cached_property
+    def cache(self) -> dict:
+        """Scratch space for quantities several estimators share on this batch."""
+        return {}
+
     @property
     def device(self) -> torch.device:
         return self.batch.rewards.device
@@ -38,29 +44,49 @@ class Context:
         t = torch.arange(self.T, dtype=torch.float64, device=self.device)
         return torch.tensor(self.gamma, dtype=torch.float64, device=self.device) ** t
 
+    def discounted_sum_to_go(self, x: Tensor, factor: float) -> Tensor:
+        """y_t = sum_{k >= t} factor^(k-t) x_k for x [N, T].
+
+        When factor^(T-1) stays far from underflow: a reverse cumulative sum of factor^k x_k
+        divided by factor^t (each partial sum holds only terms k >= t, so the relative error stays
+        at float64 round-off). Otherwise one product with the upper-triangular [T, T] matrix of
+        factor^(k-t)."""
+        if factor > 0 and (self.T - 1) * math.log(factor) > -500:
+            powers = factor ** torch.arange(self.T, dtype=torch.float64, device=self.device)
+            return (x * powers).flip(1).cumsum(1).flip(1) / powers
+        t = torch.arange(self.T, device=self.device)
+        lag = t[:, None] - t[None, :]  # k - t for row k, column t
+        base = torch.tensor(factor, dtype=torch.float64, device=self.device)
+        kernel = torch.where(lag >= 0, base ** lag.clamp(min=0).to(torch.float64),
+                             torch.zeros((), dtype=torch.float64, device=self.device))
+        return x @ kernel
+
     @cached_property
     def reward_to_go(self) -> Tensor:
         """G_t = sum_{k >= t} gamma^(k-t) r_k, shape [N, T] (0 after the episode ended)."""
-        r = self.batch.rewards
-        G = torch.zeros_like(r)
-        acc = torch.zeros(r.shape[0], dtype=r.dtype, device=r.device)
-        for t in range(self.T - 1, -1, -1):
-            acc = r[:, t] + self.gamma * acc
-            G[:, t] = acc
-        return G
+        return self.discounted_sum_to_go(self.batch.rewards, self.gamma)
 
     @cached_property
     def steps(self) -> Tensor:
         """t for every entry, shape [N, T]."""
         return torch.arange(self.T, device=self.device).expand_as(self.batch.states)
 
+    @cached_property
+    def _ts(self) -> Tensor:
+        """t * S + s_t, shape [N, T]: flat index into a [T, S] table."""
+        return self.steps * self.exact.pi.shape[0] + self.batch.states
+
     def value_at(self, V: Tensor) -> Tensor:
-        """V[t, s_t] for a table V [>= T, S], shape [N, T]."""
-        return V[self.steps, self.batch.states]
+        """V[t, s_t] for a table V [>= T, S], shape [N, T] (cached per table)."""
+        key = ("value_at", id(V))
+        if key not in self.cache:
+            self.cache[key] = (V, V[: self.T].reshape(-1)[self._ts])
+        return self.cache[key][1]
 
     def q_at(self, Q: Tensor) -> Tensor:
         """Q[t, s_t, a_t] for a table Q [>= T, S, A], shape [N, T]."""
-        return Q[self.steps, self.batch.states, self.batch.actions]
+        A = Q.shape[-1]
+        return Q[: self.T].reshape(-1)[self._ts * A + self.batch.actions]
 
     def next_value(self, V: Tensor) -> Tensor:
         """V[t+1, s_{t+1}] if step t+1 happened, else 0 (termination or horizon), shape [N, T]."""
@@ -94,6 +120,17 @@ class Context:
         """X_i = sum_t w_it grad log pi(a_it|s_it)."""
         return self.contraction.score(weights)
 
-    def pi_grad(self, steps: Tensor) -> Grads:
-        """X_i = sum_t sum_a c_it[a] grad pi(a|s_it), from steps [N, T, A]."""
-        return self.contraction.pi_grad(steps)
+    def pi_grad(self, c: Tensor) -> Grads:
+        """X_i = sum_t sum_a c_it[a] grad pi(a|s_it), from c [L, A] at the sampled steps
+        (in the order of step_time / step_state)."""
+        return self.contraction.pi_grad(c)
+
+    @property
+    def step_time(self) -> Tensor:
+        """t of each sampled step, [L] (L = number of steps that happened)."""
+        return self.contraction.step_time
+
+    @property
+    def step_state(self) -> Tensor:
+        """s_t of each sampled step, [L]."""
+        return self.contraction.step_state

@@ -33,8 +33,9 @@ def advantage_oracle(ctx: Context):
           reference="Ciosek & Whiteson 2018, 'Expected policy gradients'; Sutton et al. 2000")
 def all_action(ctx: Context):
     """Integrates the action out at every visited state with the exact Q_t: not a weighting."""
-    Q = ctx.exact.Q[ctx.steps, ctx.batch.states]  # [N, T, A]
-    return ctx.pi_grad(ctx.discount[None, :, None] * Q)
+    S, A = ctx.exact.pi.shape
+    Q = ctx.exact.Q.reshape(-1, A)[ctx.step_time * S + ctx.step_state]  # [L, A]: Q_t(s_t, .)
+    return ctx.pi_grad(ctx.discount[ctx.step_time, None] * Q)
 
 
 def critic_table(ctx: Context, critic: str, sigma: float, seed: int) -> torch.Tensor:
@@ -63,14 +64,12 @@ def gae(ctx: Context, lam: float, critic: str = "exact", sigma: float = 0.0, see
     Unbiased with the exact critic for every lambda (E[delta_t | s_t, a_t] = A_t and later deltas
     have mean 0), and for any critic at lambda = 1 (the sum telescopes to G_t - V(t, s_t)).
     """
-    V = critic_table(ctx, critic, sigma, seed)
-    delta = (ctx.batch.rewards + ctx.gamma * ctx.next_value(V) - ctx.value_at(V)) * ctx.batch.mask
-    adv = torch.zeros_like(delta)
-    acc = torch.zeros(delta.shape[0], dtype=delta.dtype, device=delta.device)
-    for t in range(ctx.T - 1, -1, -1):
-        acc = delta[:, t] + ctx.gamma * lam * acc
-        adv[:, t] = acc
-    return ctx.discount * adv
+    key = ("td_errors", critic, sigma, seed)
+    if key not in ctx.cache:  # shared by the GAE variants that use the same critic
+        V = critic_table(ctx, critic, sigma, seed)
+        ctx.cache[key] = (ctx.batch.rewards + ctx.gamma * ctx.next_value(V) - ctx.value_at(V)) \
+            * ctx.batch.mask
+    return ctx.discount * ctx.discounted_sum_to_go(ctx.cache[key], ctx.gamma * lam)
 
 
 def _gae_claim(lam: float, critic: str) -> tuple[bool, str]:

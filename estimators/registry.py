@@ -45,18 +45,22 @@ class Estimator:
     def claims_unbiased(self, gamma: float) -> bool:
         return bool(self.unbiased_if(gamma))
 
-    def gradients(self, ctx: Context, expectation: bool = False) -> Grads:
-        """Per-trajectory gradients on ctx's batch; ``expectation`` averages over the
-        estimator's own randomness exactly (single-step estimators) instead of sampling it."""
+    def weights(self, ctx: Context, expectation: bool = False) -> torch.Tensor:
+        """Step weights w [N, T] of a weights or single_step estimator; ``expectation`` averages
+        over the estimator's own randomness exactly instead of sampling it."""
         out = self.fn(ctx)
-        if self.kind == "grads":
-            return out
         if self.kind == "weights":
-            return ctx.score(out)
+            return out
+        if self.kind != "single_step":
+            raise TypeError(f"{self.name} returns gradients, not weights")
         q, c = out
-        if expectation:
-            return ctx.score(q * c)
-        return ctx.score(_draw_single_step(q, c, ctx.generator))
+        return q * c if expectation else _draw_single_step(q, c, ctx.generator)
+
+    def gradients(self, ctx: Context, expectation: bool = False) -> Grads:
+        """Per-trajectory gradients on ctx's batch (see ``weights`` for ``expectation``)."""
+        if self.kind == "grads":
+            return self.fn(ctx)
+        return ctx.score(self.weights(ctx, expectation))
 
 
 def _draw_single_step(q: torch.Tensor, c: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -156,6 +156,24 @@ def cmd_estimators(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from .study import run_study
+
+    try:
+        outcome = run_study(args.study_file, storage=args.storage, workers=args.workers,
+                            trials=args.trials, fail_running=args.fail_running)
+    except KeyboardInterrupt:
+        print("interrupted: the running trial is marked failed and its MLflow runs killed; "
+              "run the same command again to resume", file=sys.stderr)
+        return 130
+    print(f"study {outcome.name}: {outcome.complete} trials complete"
+          + (f", {outcome.failed_now} failed in this run" if outcome.failed_now else ""))
+    print(f"  Optuna storage  {outcome.storage}")
+    print(f"  MLflow          {outcome.tracking_uri} (experiment '{outcome.name}', "
+          f"run {outcome.parent_run_id}); browse with `nox -s ui`")
+    return 1 if outcome.failed_now else 0
+
+
 def cmd_envs(args) -> int:
     from .envs import available_envs
 
@@ -187,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda")
     p.set_defaults(func=cmd_measure)
+    p = sub.add_parser("study", help="run (or resume) a study file with Optuna, logging to MLflow")
+    p.add_argument("study_file", help="a study file, e.g. studies/default.toml")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite in results/NAME/)")
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the storage")
+    p.add_argument("--trials", type=int, help="run at most this many trials now")
+    p.add_argument("--fail-running", action="store_true",
+                   help="mark trials left 'running' by a killed process as failed, and redo them")
+    p.set_defaults(func=cmd_study)
     p = sub.add_parser("estimators", help="list the registered estimators and their claims")
     p.set_defaults(func=cmd_estimators)
     return parser

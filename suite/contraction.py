@@ -16,7 +16,7 @@ costs a scatter and a few passes over its values.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -38,6 +38,15 @@ class _Rows:
     n: int  # N trajectories
     S: int
     A: int
+    _group_rows: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def group_rows(self, group: Tensor) -> Tensor:
+        """group[row_traj] * S + row_state, cached per grouping (the statistics reuse one)."""
+        hit = self._group_rows.get(id(group))
+        if hit is None or hit[0] is not group:
+            hit = (group, group[self.row_traj] * self.S + self.row_state)
+            self._group_rows[id(group)] = hit
+        return hit[1]
 
 
 class Grads:
@@ -81,7 +90,7 @@ class RowGrads(Grads):
     def group_sum(self, group: Tensor, n_groups: int) -> Tensor:
         S, A = self.rows.S, self.rows.A
         out = torch.zeros(n_groups * S, A, dtype=self.values.dtype, device=self.values.device)
-        out.index_add_(0, group[self.rows.row_traj] * S + self.rows.row_state, self.values)
+        out.index_add_(0, self.rows.group_rows(group), self.values)
         return out.reshape(n_groups, S * A)
 
     def times_traj(self, c: Tensor) -> RowGrads:
@@ -155,42 +164,58 @@ class Contraction:
 
     def for_batch(self, batch: Batch) -> Contraction:
         """Index the batch's steps once (shared by every estimator on this batch)."""
-        mask = batch.mask
         self.batch = batch
-        self.step_mask = mask
-        traj = torch.arange(batch.n, device=mask.device)[:, None].expand_as(mask)[mask]
-        states, actions = batch.states[mask], batch.actions[mask]
+        self.mask = batch.mask
+        traj = torch.arange(batch.n, device=batch.mask.device)[:, None].expand_as(self.mask)
+        traj = traj[self.mask]
+        states, actions = batch.states[self.mask], batch.actions[self.mask]
         self.step_traj, self.step_state, self.step_action = traj, states, actions
+        steps = torch.arange(self.mask.shape[1], device=self.mask.device)
+        self.step_time = steps[None, :].expand_as(self.mask)[self.mask]
         if self.tabular:
-            keys, step_row = torch.unique(traj * self.S + states, return_inverse=True)
+            # rows = distinct (trajectory, state) keys, numbered in key order via a dense flag map
+            key = traj * self.S + states
+            flags = torch.zeros(batch.n * self.S, dtype=torch.bool, device=key.device)
+            flags[key] = True
+            step_row = (flags.cumsum(0) - 1)[key]
+            keys = flags.nonzero().squeeze(1)
             self.rows = _Rows(step_row, actions, keys // self.S, keys % self.S, batch.n, self.S,
                               self.A)
+            # slot of every (n, t) entry in the flattened [V + 1, A] table; entries after the end
+            # of an episode go to a dummy row V, so weights need no masked selection
+            V = len(keys)
+            slot = torch.full(self.mask.shape, V * self.A, dtype=torch.int64, device=self.mask.device)
+            slot[self.mask] = step_row * self.A + actions
+            self.slot = slot.reshape(-1)
+            self.pi_rows = self.pi[self.rows.row_state]  # [V, A]
         return self
+
+    def steps_of(self, x: Tensor) -> Tensor:
+        """The sampled steps of x [N, T, ...], in the contraction's step order: [L, ...]."""
+        return x[self.mask]
 
     def score(self, weights: Tensor) -> Grads:
         """X_i = sum_t w_it grad log pi(a_it|s_it), from weights [N, T] (ignored where masked)."""
-        w = weights[self.step_mask]
         if self.tabular:
             r = self.rows
-            counts = torch.zeros(len(r.row_traj) * self.A, dtype=w.dtype, device=w.device)
-            counts = counts.index_add_(0, r.step_row * self.A + r.step_action, w).reshape(-1, self.A)
-            pi_rows = self.pi[r.row_state]
-            return RowGrads(counts - pi_rows * counts.sum(1, keepdim=True), r)
+            w = weights.reshape(-1)
+            counts = torch.zeros((len(r.row_traj) + 1) * self.A, dtype=w.dtype, device=w.device)
+            counts = counts.index_add_(0, self.slot, w).reshape(-1, self.A)[:-1]
+            return RowGrads(counts - self.pi_rows * counts.sum(1, keepdim=True), r)
+        w = self.steps_of(weights)
         cot = torch.zeros(self.batch.n * self.S * self.A, dtype=w.dtype, device=w.device)
         idx = (self.step_traj * self.S + self.step_state) * self.A + self.step_action
         cot = cot.index_add_(0, idx, w).reshape(self.batch.n, -1)
         return DenseGrads(cot @ self.J_log)
 
-    def pi_grad(self, steps: Tensor) -> Grads:
-        """X_i = sum_t sum_a c_it[a] grad pi(a|s_it), from per-step cotangents steps [N, T, A]."""
-        c = steps[self.step_mask]  # [L, A]
+    def pi_grad(self, c: Tensor) -> Grads:
+        """X_i = sum_t sum_a c_it[a] grad pi(a|s_it), from cotangents at the sampled steps
+        c [L, A], in step order (step_traj, step_time, step_state)."""
         if self.tabular:
             r = self.rows
             acc = torch.zeros(len(r.row_traj), self.A, dtype=c.dtype, device=c.device)
-            acc = acc.index_add_(0, r.step_row, c)
-            pi_rows = self.pi[r.row_state]
-            weighted = pi_rows * acc
-            return RowGrads(weighted - pi_rows * weighted.sum(1, keepdim=True), r)
+            weighted = self.pi_rows * acc.index_add_(0, r.step_row, c)
+            return RowGrads(weighted - self.pi_rows * weighted.sum(1, keepdim=True), r)
         cot = torch.zeros(self.batch.n * self.S, self.A, dtype=c.dtype, device=c.device)
         cot = cot.index_add_(0, self.step_traj * self.S + self.step_state, c)
         return DenseGrads(cot.reshape(self.batch.n, -1) @ self.J_pi)

@@ -14,7 +14,7 @@ from .exact import ExactSolution
 from .mdp import MDP
 from .policies import Policy
 from .sampler import default_chunk_size, resolve_device, sample_chunks
-from .stats import Moments, block_factors, summarize
+from .stats import ChunkIndex, Moments, block_factors, summarize
 
 __all__ = ["MIN_BATCHES", "Measurement", "check_sizes", "measure"]
 
@@ -49,10 +49,15 @@ def check_sizes(n: int, batch_size: int, estimators) -> None:
                          f">= {MIN_BATCHES * batch_size}")
 
 
-def _chunk_size(n: int, horizon: int, block: int) -> int:
-    """A multiple of the largest block, near the sampler's memory-bounded default."""
-    target = default_chunk_size(horizon)
-    return min(n, max(block, (target // block) * block))
+STEPS_PER_PIECE = 512_000  # trajectories x horizon handled by the estimators at once (cache-sized)
+
+
+def _chunk_sizes(n: int, horizon: int, block: int) -> tuple[int, int]:
+    """(sampler chunk, estimator piece): the piece a multiple of the largest block, small enough
+    to stay in cache; the chunk a multiple of the piece, near the sampler's memory budget."""
+    piece = min(n, max(block, (STEPS_PER_PIECE // horizon // block) * block))
+    chunk = min(n, max(piece, (default_chunk_size(horizon) // piece) * piece))
+    return chunk, piece
 
 
 def measure(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, n: int, batch_size: int,
@@ -63,40 +68,42 @@ def measure(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, n: int, ba
 
     check_sizes(n, batch_size, estimators)
     dev = resolve_device(device)
-    start = time.perf_counter()
+    started = time.perf_counter()
     from estimators import Context  # local: estimators imports suite
 
     exact = sol.to(dev)
     g = exact.grad
     M = n // batch_size
     factors = block_factors(M, batch_size)
-    chunk = _chunk_size(n, sol.horizon, max(factors) * batch_size)
+    chunk, piece = _chunk_sizes(n, sol.horizon, max(factors) * batch_size)
     moments = {e.name: Moments(policy.n_params, batch_size, M, factors, dev) for e in estimators}
     contraction = Contraction(policy, dev)
     first, steps = 0, 0
-    for c, batch in enumerate(sample_chunks(mdp, sol.pi, sol.horizon, n, seed, dev, chunk)):
+    for c, chunk_batch in enumerate(sample_chunks(mdp, sol.pi, sol.horizon, n, seed, dev, chunk)):
         gen = torch.Generator(device=dev)
         gen.manual_seed(int(np.random.SeedSequence([int(seed), c, 1]).generate_state(1)[0]))
-        ctx = Context(batch, sol.gamma, exact, contraction.for_batch(batch), batch_size, gen)
-        for est in estimators:
-            moments[est.name].add(est.gradients(ctx), first, g)
-        first += batch.n
-        steps += int(batch.lengths.sum())
-        if progress:
-            progress(batch.n)
+        for start in range(0, chunk_batch.n, piece):
+            batch = chunk_batch.rows(start, start + piece)
+            ctx = Context(batch, sol.gamma, exact, contraction.for_batch(batch), batch_size, gen)
+            index = ChunkIndex.build(first, batch.n, batch_size, M, factors, dev)
+            for est in estimators:
+                moments[est.name].add(est.gradients(ctx), first, g, index)
+            first += batch.n
+            steps += int(batch.lengths.sum())
+            if progress:
+                progress(batch.n)
     stats = summarize({k: _to_cpu(m) for k, m in moments.items()}, g.cpu(), seed=seed)
     for est in estimators:
         stats[est.name]["claims_unbiased"] = est.claims_unbiased(sol.gamma)
         stats[est.name]["condition"] = est.condition
     means = {k: (m.gsum.sum(0) / m.gn.sum()).cpu().numpy() for k, m in moments.items()}
-    return Measurement(stats, means, steps, time.perf_counter() - start)
+    return Measurement(stats, means, steps, time.perf_counter() - started)
 
 
 def _to_cpu(m: Moments) -> Moments:
     if m.device.type == "cpu":
         return m
-    for name in ("gsum", "gsq", "gbsq", "gn", "gm"):
+    for name in ("gsum", "gsq", "gbsq", "gn", "gm", "blocks"):
         setattr(m, name, getattr(m, name).cpu())
-    m.blocks = {k: v.cpu() for k, v in m.blocks.items()}
     m.device = torch.device("cpu")
     return m

@@ -27,11 +27,7 @@ CHUNK_BYTES = 48 * 2**20  # one chunk's buffers: small enough to stay in the all
 
 @dataclass(frozen=True)
 class Batch:
-    """N sampled trajectories, padded to T = the longest realised length (T <= horizon).
-
-    The sampler returns [N, T] views of time-major storage (stride (1, N)): index them freely,
-    call ``.contiguous()`` where a kernel needs rows.
-    """
+    """N sampled trajectories, padded to T = the longest realised length (T <= horizon)."""
 
     states: Tensor  # [N, T] int64, s_t (0 where mask is False)
     actions: Tensor  # [N, T] int64, a_t (0 where mask is False)
@@ -43,6 +39,11 @@ class Batch:
     @property
     def n(self) -> int:
         return self.states.shape[0]
+
+    def rows(self, start: int, stop: int) -> Batch:
+        """Trajectories start .. stop - 1 (views, same T)."""
+        return Batch(self.states[start:stop], self.actions[start:stop], self.rewards[start:stop],
+                     self.mask[start:stop], self.lengths[start:stop], self.horizon)
 
     def returns(self, gamma: float) -> Tensor:
         """Discounted return sum_t gamma^t r_t of each trajectory, shape [N]."""
@@ -157,7 +158,7 @@ def _sample_chunk(tab: _Tables, horizon: int, n: int, gen: torch.Generator,
         states[t] = s
         outcomes[t] = o = _Tables.draw(uniform(), tab.M, s * tab.M, tab.keep, tab.alias)
         s = tab.next_state[o]
-    states, outcomes = states[:T].T, outcomes[:T].T  # [N, T] views of time-major buffers
+    states, outcomes = states[:T].T.contiguous(), outcomes[:T].T.contiguous()  # [N, T] rows
     mask = states != tab.sink
     actions = (outcomes // tab.K) % tab.A
     return Batch(

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .contraction import Grads
 
-__all__ = ["Moments", "block_factors", "n_groups", "summarize", "unbiasedness_test"]
+__all__ = ["ChunkIndex", "Moments", "block_factors", "n_groups", "summarize", "unbiasedness_test"]
 
 BLOCK_FACTORS = (1, 4, 16, 64, 256)  # batch sizes B' = k B at which relMSE/cosine are measured
 MAX_GROUPS = 64
@@ -40,6 +40,42 @@ def block_factors(n_batches: int, batch_size: int, max_block: int = 65536) -> li
     return [k for k in BLOCK_FACTORS if n_batches // k >= 8 and k * batch_size <= max_block] or [1]
 
 
+@dataclass(frozen=True)
+class ChunkIndex:
+    """Where a chunk's trajectories fall: shared by every estimator's Moments.add."""
+
+    local: Tensor  # [n] batch of each trajectory within the chunk (i // B)
+    group: Tensor  # [Mc] group of each of the chunk's batches
+    traj_group: Tensor  # [n] group of each trajectory
+    dn: Tensor  # [K] trajectories added to each group
+    dm: Tensor  # [K] batches added to each group
+    block_src: Tensor  # [Q] a batch of the chunk that feeds a block ...
+    block_dst: Tensor  # [Q] ... and the block it feeds (blocks of every factor, stacked)
+    block_factor: Tensor  # [R] index into factors of each block
+    block_scale: Tensor  # [R] 1 / (k B): from a sum of k batch sums to a mean
+
+    @staticmethod
+    def build(first_traj: int, n: int, batch_size: int, n_batches: int, factors: list[int],
+              device: torch.device) -> ChunkIndex:
+        K = n_groups(n_batches)
+        Mc = n // batch_size
+        local = torch.arange(n, device=device) // batch_size
+        group = (first_traj // batch_size + torch.arange(Mc, device=device)) * K // n_batches
+        ones = torch.ones(Mc, dtype=torch.float64, device=device)
+        dm = torch.zeros(K, dtype=torch.float64, device=device).index_add_(0, group, ones)
+        src, dst, fac, scale, first_block = [], [], [], [], 0
+        for f, k in enumerate(factors):
+            rows = Mc // k
+            src.append(torch.arange(rows * k, device=device))
+            dst.append(first_block + src[-1] // k)
+            fac.append(torch.full((rows,), f, device=device))
+            scale.append(torch.full((rows,), 1.0 / (k * batch_size), dtype=torch.float64,
+                                    device=device))
+            first_block += rows
+        return ChunkIndex(local, group, group[local], dm * batch_size, dm, torch.cat(src),
+                          torch.cat(dst), torch.cat(fac), torch.cat(scale))
+
+
 @dataclass
 class Moments:
     """Running sums for one estimator (see module doc)."""
@@ -54,42 +90,39 @@ class Moments:
     gbsq: Tensor = field(init=False)
     gn: Tensor = field(init=False)
     gm: Tensor = field(init=False)
-    blocks: dict[int, Tensor] = field(init=False)  # k -> [6]: count, relsq, relsq^2, cos, cos^2, sign
+    blocks: Tensor = field(init=False)  # [F, 6]: count, relsq, relsq^2, cos, cos^2, sign
 
     def __post_init__(self) -> None:
         K = n_groups(self.n_batches)
         z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=self.device)  # noqa: E731
         self.gsum, self.gsq, self.gbsq, self.gn, self.gm = z(K, self.n_params), z(K), z(K), z(K), z(K)
-        self.blocks = {k: z(6) for k in self.factors}
+        self.blocks = z(len(self.factors), 6)
 
-    def group_of_batch(self, batches: Tensor) -> Tensor:
-        return batches * self.gsum.shape[0] // self.n_batches
+    def add(self, grads: Grads, first_traj: int, g: Tensor, index: ChunkIndex | None = None) -> None:
+        """Accumulate the gradients of trajectories first_traj .. first_traj + n - 1.
 
-    def add(self, grads: Grads, first_traj: int, g: Tensor) -> None:
-        """Accumulate the gradients of trajectories first_traj .. first_traj + n - 1."""
-        B, n = self.batch_size, grads.n
-        local = torch.arange(n, device=self.device) // B
-        sums = grads.group_sum(local, n // B)  # [Mc, P]
-        group = self.group_of_batch(first_traj // B + torch.arange(n // B, device=self.device))
-        self.gsum.index_add_(0, group, sums)
-        self.gsq.index_add_(0, group[local], grads.sq_norms())
-        means = sums / B
-        self.gbsq.index_add_(0, group, (means**2).sum(1))
-        self.gn.index_add_(0, group, torch.full_like(group, B, dtype=torch.float64))
-        self.gm.index_add_(0, group, torch.ones_like(group, dtype=torch.float64))
+        Pass the chunk's ChunkIndex to share its index work between estimators."""
+        B = self.batch_size
+        idx = index or ChunkIndex.build(first_traj, grads.n, B, self.n_batches, self.factors,
+                                        self.device)
+        sums = grads.group_sum(idx.local, grads.n // B)  # [Mc, P]
+        self.gsum.index_add_(0, idx.group, sums)
+        self.gsq.index_add_(0, idx.traj_group, grads.sq_norms())
+        self.gbsq.index_add_(0, idx.group, (sums**2).sum(1) / B**2)
+        self.gn += idx.dn
+        self.gm += idx.dm
+        # every block size at once: a block of factor k averages k consecutive batches
+        est = torch.zeros(len(idx.block_factor), sums.shape[1], dtype=sums.dtype,
+                          device=self.device)
+        est = est.index_add_(0, idx.block_dst, sums[idx.block_src]) * idx.block_scale[:, None]
         g_sq = float(g @ g) or math.nan
-        for k in self.factors:
-            whole = (sums.shape[0] // k) * k
-            if whole == 0:
-                continue
-            est = sums[:whole].reshape(-1, k, sums.shape[1]).sum(1) / (k * B)
-            relsq = ((est - g) ** 2).sum(1) / g_sq
-            dot = est @ g
-            cos = dot / (est.norm(dim=1) * math.sqrt(g_sq)).clamp(min=1e-300)
-            self.blocks[k] += torch.stack([
-                torch.tensor(float(est.shape[0]), dtype=torch.float64, device=self.device),
-                relsq.sum(), (relsq**2).sum(), cos.sum(), (cos**2).sum(),
-                (dot > 0).to(torch.float64).sum()])
+        dot = est @ g
+        est_sq = (est**2).sum(1)
+        relsq = (est_sq - 2 * dot + g_sq) / g_sq
+        cos = dot / (est_sq * g_sq).sqrt().clamp(min=1e-300)
+        parts = torch.stack([torch.ones_like(relsq), relsq, relsq**2, cos, cos**2,
+                             (dot > 0).to(torch.float64)], 1)
+        self.blocks.index_add_(0, idx.block_factor, parts)
 
 
 def _totals(m: Moments, w: Tensor | None = None):
@@ -198,7 +231,7 @@ def summarize(moments: dict[str, Moments], g: Tensor, reference: str = "reinforc
             need = eff_var / g_sq / room if room > 0 else (math.nan if math.isnan(room) else math.inf)
             row[f"batch_size_for_rel_mse_{target:g}"] = need
         per_b = {}
-        for k, acc in m.blocks.items():
+        for k, acc in zip(m.factors, m.blocks, strict=True):
             n, relsq, relsq2, cos, cos2, sign = acc.tolist()
             if n == 0:
                 continue

@@ -1,0 +1,363 @@
+"""The Optuna driver: a study file's conditions become trials; each trial measures every
+estimator on the same trajectories for each seed, aggregates across seeds and logs to MLflow.
+
+Trial allocation is a queue in the Optuna storage: this process enqueues the trials the plan still
+needs (grid points without a finished trial, or the number of search trials left), and every
+worker pops them atomically, so N workers (or several machines on one PostgreSQL storage) run
+each trial exactly once. Rerunning a study resumes it: complete trials are never redone; failed
+or interrupted ones are.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import multiprocessing
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from .errors import InputError
+from .study_spec import Objective, Range, StudySpec, load_study
+from .tracking import Tracker, environment_tags, flatten_stats
+
+__all__ = ["StudyOutcome", "aggregate_seeds", "default_storage", "run_study"]
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@dataclass(frozen=True)
+class StudyOutcome:
+    name: str
+    storage: str
+    tracking_uri: str
+    parent_run_id: str
+    complete: int  # trials complete in the storage after this invocation
+    failed_now: int  # trials that failed in this invocation
+    out_dir: Path
+
+
+def default_storage(spec: StudySpec, out_dir: Path) -> str:
+    return f"sqlite:///{(out_dir / 'optuna.db').resolve()}"
+
+
+def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    seed = spec.seeds[0]
+    return {
+        "grid": lambda: optuna.samplers.RandomSampler(seed=seed),  # params come from the queue
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+    }[spec.sampler]()
+
+
+def _directions(spec: StudySpec) -> list[str]:
+    # a grid study's value: how many estimators' verdicts contradict their claims
+    return [o.direction for o in spec.objectives] or ["minimize"]
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage | str:
+    """SQLite storages wait up to a minute for a lock (several workers write to one file)."""
+    if url.startswith("sqlite:"):
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    return url
+
+
+def _open_study(spec: StudySpec, storage: str) -> optuna.Study:
+    try:
+        return optuna.create_study(study_name=spec.name, storage=open_storage(storage),
+                                   load_if_exists=True, directions=_directions(spec),
+                                   sampler=make_sampler(spec))
+    except ValueError as exc:  # e.g. the same name with other directions
+        raise InputError(f"Optuna storage {storage}: {exc}") from None
+
+
+def _params_key(params: dict) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in params.items()))
+
+
+def _enqueue(study: optuna.Study, spec: StudySpec, limit: int | None, fail_running: bool) -> int:
+    """Queue the trials the plan still needs; return how many are waiting now."""
+    trials = study.get_trials(deepcopy=False)
+    if fail_running:
+        for t in trials:
+            if t.state == TrialState.RUNNING:
+                study.tell(t.number, state=TrialState.FAIL)
+        trials = study.get_trials(deepcopy=False)
+    busy = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.WAITING,
+                                             TrialState.RUNNING)]
+    waiting = sum(t.state == TrialState.WAITING for t in trials)
+    if spec.sampler == "grid":
+        seen = {_params_key(t.params or t.system_attrs.get("fixed_params", {})) for t in busy}
+        todo = [p for p in spec.grid() if _params_key(p) not in seen]
+    else:
+        todo = [{}] * max(0, spec.trials - len(busy))
+    if limit is not None:
+        todo = todo[: max(0, limit - waiting)]
+    for params in todo:
+        study.enqueue_trial(params)
+    return waiting + len(todo)
+
+
+def _pop(study: optuna.Study) -> optuna.Trial | None:
+    """The next waiting trial, claimed atomically (the first half of Study.ask), or None."""
+    study._thread_local.cached_all_trials = None
+    trial_id = study._pop_waiting_trial_id()
+    return None if trial_id is None else optuna.Trial(study, trial_id)
+
+
+def _suggest(trial: optuna.Trial, space: dict) -> dict:
+    params = {}
+    for key, spec in space.items():
+        if isinstance(spec, Range):
+            suggest = trial.suggest_int if spec.int else trial.suggest_float
+            low, high = (int(spec.low), int(spec.high)) if spec.int else (spec.low, spec.high)
+            params[key] = suggest(key, low, high, log=spec.log)
+        else:
+            params[key] = trial.suggest_categorical(key, spec)
+    return params
+
+
+def aggregate_seeds(per_seed: list[dict[str, dict]], alpha: float = 0.05) -> dict[str, dict]:
+    """Statistics across seeds: means; with several seeds, t-intervals across seeds replace the
+    within-rollout intervals and Fisher's method combines the seeds' p-values."""
+    from scipy import stats as st
+
+    k = len(per_seed)
+    out = {}
+    for name in per_seed[0]:
+        rows = [s[name] for s in per_seed]
+        agg = {"n_seeds": k, "ci_resamples": "groups of batches" if k == 1 else "seeds"}
+        for key, value in rows[0].items():
+            if isinstance(value, bool) or key in ("rejects_unbiased",):
+                agg[key] = value if k == 1 else None
+            elif isinstance(value, int | float):
+                agg[key] = float(np.mean([r[key] for r in rows]))
+            elif key == "at_batch_size":
+                agg[key] = {b: {m: float(np.mean([r[key][b][m] for r in rows if b in r[key]]))
+                                for m in at} for b, at in value.items()}
+            else:
+                agg[key] = value
+        if k > 1:
+            tq = st.t.ppf(0.975, k - 1)
+            for point, ci in (("rel_bias", "rel_bias_ci"), ("variance", "variance_ci"),
+                              ("variance_ratio", "variance_ratio_ci")):
+                if point in agg:
+                    vals = np.array([r[point] for r in rows])
+                    half = tq * vals.std(ddof=1) / math.sqrt(k)
+                    agg[ci] = [max(float(vals.mean() - half), 0.0), float(vals.mean() + half)]
+            ps = np.clip([r["p_value"] for r in rows], 1e-300, 1.0)
+            agg["p_value"] = float(st.chi2.sf(-2 * np.log(ps).sum(), 2 * k))
+            agg["rejects_unbiased"] = agg["p_value"] < alpha
+            agg["claims_unbiased"] = rows[0]["claims_unbiased"]
+        out[name] = agg
+    return out
+
+
+def objective_value(obj: Objective, agg: dict[str, dict], params: dict, batch_size: int) -> float:
+    from .study_spec import fill
+
+    row = agg[fill(obj.estimator, params)]
+    if obj.metric == "variance_ratio" and obj.baseline != "reinforce":
+        return row["variance"] / agg[fill(obj.baseline, params)]["variance"]
+    if obj.metric in ("rel_mse", "cosine", "sign_agreement"):
+        return row["at_batch_size"][batch_size][obj.metric]
+    return float(row[obj.metric])
+
+
+@functools.lru_cache(maxsize=32)
+def _mdp(env: str):
+    from .envs import make_mdp
+
+    return make_mdp(env)
+
+
+def run_trial(spec: StudySpec, trial: optuna.Trial, tracker: Tracker, parent: str,
+              open_runs: list[str]) -> list[float]:
+    """One condition: exact solution, one rollout per seed, every estimator, MLflow records."""
+    import estimators
+
+    from .exact import solve
+    from .measure import check_sizes, measure
+    from .policies import make_policy
+    from .study_spec import fill
+
+    params = _suggest(trial, spec.space)
+    cond = spec.condition(params)
+    names = spec.estimator_names(params)
+    names = names if names == "all" else names + [fill(o.estimator, params) for o in spec.objectives]
+    chosen = estimators.resolve(names)
+    extra = [fill(o.baseline, params) for o in spec.objectives]
+    chosen += [estimators.get(n) for n in extra if n not in {e.name for e in chosen}]
+    check_sizes(cond["trajectories"], cond["batch_size"], chosen)
+    mdp = _mdp(cond["env"])
+    policy = make_policy(cond["policy"], mdp, cond["gamma"], cond["horizon"])
+    sol = solve(mdp, policy, cond["gamma"], cond["horizon"])
+    free = {k: v for k, v in params.items() if k not in cond}
+    run = tracker.start(f"trial {trial.number}: {cond['env']} | {cond['policy']} | gamma "
+                        f"{cond['gamma']:g} | H {cond['horizon']}", parent,
+                        tags={"kind": "condition", "trial": trial.number, "study": spec.name},
+                        params={**cond, **free, "seeds": list(spec.seeds),
+                                "n_params": policy.n_params})
+    open_runs.append(run)
+    trial.set_user_attr("mlflow_run_id", run)
+    started = time.perf_counter()
+    per_seed, steps = [], 0
+    for seed in spec.seeds:
+        m = measure(mdp, policy, sol, chosen, cond["trajectories"], cond["batch_size"], seed,
+                    spec.device)
+        per_seed.append(m.stats)
+        steps += m.n_steps
+    agg = aggregate_seeds(per_seed)
+    for est in chosen:
+        row = agg[est.name]
+        est_run = tracker.start(est.name, run, tags={"kind": "estimator", "study": spec.name,
+                                                     "trial": trial.number},
+                                params={**cond, **free, "estimator": est.name,
+                                        "claims_unbiased": row["claims_unbiased"],
+                                        "seeds": len(spec.seeds)})
+        open_runs.append(est_run)
+        tracker.log(est_run, flatten_stats(row))
+        tracker.end(est_run)
+        open_runs.pop()
+    violations = sum(bool(r["rejects_unbiased"]) == bool(r["claims_unbiased"]) for r in agg.values())
+    values = ([objective_value(o, agg, params, cond["batch_size"]) for o in spec.objectives]
+              or [float(violations)])
+    metrics = {"exact/J": sol.J, "exact/grad_norm": sol.grad_norm, "run/seconds":
+               time.perf_counter() - started, "run/steps": steps, "claims/violations": violations}
+    metrics.update({f"objective/{i}": v for i, v in enumerate(values)})
+    tracker.log(run, metrics)
+    tracker.log_json(run, {"condition": cond, "params": params, "J": sol.J,
+                           "grad_norm": sol.grad_norm, "aggregate": agg, "per_seed": per_seed},
+                     "stats.json")
+    tracker.end(run)
+    open_runs.pop()
+    return values
+
+
+def _raise_interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C
+    raise KeyboardInterrupt
+
+
+def worker(spec_path: str, storage: str, parent: str, uri: str, limit: int | None = None,
+           on_trial=None) -> int:
+    """Pop and run trials until the queue is empty (or ``limit`` ran). Returns failures."""
+    spec = load_study(spec_path)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    study = optuna.load_study(study_name=spec.name, storage=open_storage(storage),
+                              sampler=make_sampler(spec))
+    tracker = Tracker(spec.name, uri)
+    failures = ran = 0
+    while limit is None or ran < limit:
+        trial = _pop(study)
+        if trial is None:
+            break
+        ran += 1
+        open_runs: list[str] = []
+        try:
+            values = run_trial(spec, trial, tracker, parent, open_runs)
+        except KeyboardInterrupt:
+            study.tell(trial, state=TrialState.FAIL)
+            for run in open_runs:
+                tracker.end(run, "KILLED")
+            raise
+        except Exception as exc:  # the condition failed: record it, go on with the others
+            failures += 1
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+            study.tell(trial, state=TrialState.FAIL)
+            for run in open_runs:
+                tracker.client.set_tag(run, "error", f"{type(exc).__name__}: {exc}")
+                tracker.end(run, "FAILED")
+            print(f"trial {trial.number} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        else:
+            study.tell(trial, values)
+        if on_trial:
+            on_trial()
+    return failures
+
+
+def _worker_entry(args) -> int:
+    try:
+        return worker(*args)
+    except KeyboardInterrupt:
+        return -1
+
+
+def run_study(path: str | Path, storage: str | None = None, workers: int = 1,
+              trials: int | None = None, out_dir: str | Path | None = None,
+              fail_running: bool = False, progress: bool = True) -> StudyOutcome:
+    """Run (or resume) the study in ``path``; see the module doc."""
+    from .sampler import resolve_device
+    from .tracking import tracking_uri
+
+    spec = load_study(path)
+    if workers < 1:
+        raise InputError(f"--workers must be >= 1, got {workers}")
+    if trials is not None and trials < 1:
+        raise InputError(f"--trials must be >= 1, got {trials}")
+    device = str(resolve_device(spec.device))
+    out = Path(out_dir) if out_dir else Path("results") / spec.name
+    out.mkdir(parents=True, exist_ok=True)
+    storage = storage or default_storage(spec, out)
+    study = _open_study(spec, storage)
+    queued = _enqueue(study, spec, trials, fail_running)
+    uri = tracking_uri()
+    tracker = Tracker(spec.name, uri)
+    parent = tracker.start(f"{spec.name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                           tags={"kind": "invocation", "study": spec.name,
+                                 "study_sha256": spec.sha256, "optuna_storage": storage,
+                                 "sampler": spec.sampler, **environment_tags(device)},
+                           params={"workers": workers, "queued_trials": queued,
+                                   "study_file": str(spec.path)})
+    tracker.log_file(parent, spec.path)
+    before = _finished(study)
+    try:
+        if workers == 1:
+            from tqdm import tqdm
+
+            with tqdm(total=queued, unit="trial", desc=spec.name, file=sys.stderr,
+                      disable=not progress or None) as bar:
+                failed = worker(str(spec.path), storage, parent, uri, trials,
+                                on_trial=lambda: bar.update(1))
+        else:
+            failed = _run_workers(spec, storage, parent, uri, workers, queued, progress, study)
+    except KeyboardInterrupt:
+        tracker.end(parent, "KILLED")
+        raise
+    except BaseException:
+        tracker.end(parent, "FAILED")
+        raise
+    complete = sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+    tracker.log(parent, {"trials/complete": complete, "trials/failed_now": failed,
+                         "trials/finished_now": _finished(study) - before})
+    tracker.end(parent, "FINISHED" if failed == 0 else "FAILED")
+    return StudyOutcome(spec.name, storage, uri, parent, complete, failed, out)
+
+
+def _finished(study: optuna.Study) -> int:
+    return sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+
+
+def _run_workers(spec, storage, parent, uri, workers, queued, progress, study) -> int:
+    from tqdm import tqdm
+
+    ctx = multiprocessing.get_context("spawn")
+    start = _finished(study)
+    with ctx.Pool(workers) as pool:
+        result = pool.map_async(_worker_entry, [(str(spec.path), storage, parent, uri)] * workers)
+        with tqdm(total=queued, unit="trial", desc=spec.name, disable=not progress or None,
+                  file=sys.stderr) as bar:
+            while not result.ready():
+                result.wait(1.0)
+                bar.update(_finished(study) - start - bar.n)
+        codes = result.get()
+    if any(c < 0 for c in codes):
+        raise KeyboardInterrupt
+    return sum(codes)

@@ -1,0 +1,311 @@
+"""Study files: TOML data describing the conditions to explore. Loaded and validated here.
+
+    [study]       name, description, sampler, trials, seeds, device, estimators
+    [space]       searched parameters: a list (choices) or a table {low, high, log, int}
+    [fixed]       condition values that do not vary; strings may use {param} templates
+    [[objectives]]  metric, estimator, (baseline), direction   -- searches only
+
+See docs/studies.md for the schema. Every error names the file, the key, the rule and the value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import string
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputError, did_you_mean
+
+__all__ = ["CONDITION_KEYS", "METRICS", "SAMPLERS", "Objective", "Range", "StudySpec", "load_study"]
+
+SAMPLERS = ("grid", "random", "tpe", "cmaes", "nsga2")
+CONDITION_KEYS = ("env", "policy", "gamma", "horizon", "trajectories", "batch_size")
+DEFAULTS = {"policy": "uniform", "trajectories": 10_000, "batch_size": 10}
+STUDY_KEYS = ("name", "description", "sampler", "trials", "seeds", "device", "estimators")
+OBJECTIVE_KEYS = ("metric", "estimator", "baseline", "direction")
+METRICS = (  # per-estimator metrics an objective may name (see docs/metrics.md)
+    "rel_bias", "rel_bias_plugin", "rel_sq_bias_debiased", "variance", "batch_variance",
+    "noise_to_signal", "variance_ratio", "p_value", "rel_mse", "cosine", "sign_agreement",
+    "batch_size_for_rel_mse_0.1", "batch_size_for_rel_mse_0.01",
+)
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass(frozen=True)
+class Range:
+    """A searched numeric parameter: uniform (or log-uniform) on [low, high]."""
+
+    low: float
+    high: float
+    log: bool = False
+    int: bool = False
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str  # one of METRICS
+    estimator: str  # may contain {param} templates
+    direction: str  # "minimize" | "maximize"
+    baseline: str = "reinforce"  # the reference of variance_ratio
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    path: Path
+    sampler: str
+    trials: int | None  # None for grid: every grid point
+    seeds: tuple[int, ...]
+    device: str
+    estimators: tuple[str, ...] | str  # names (may use templates) or "all"
+    space: dict[str, list | Range]  # parameter -> choices or range
+    fixed: dict[str, object]  # condition key -> value (strings may use templates)
+    objectives: tuple[Objective, ...] = ()
+    description: str = ""
+    text: str = field(default="", repr=False)  # the file, verbatim
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    def grid(self) -> list[dict]:
+        """Every combination of the space's choices (grid sampler)."""
+        points: list[dict] = [{}]
+        for key, values in self.space.items():
+            points = [{**p, key: v} for p in points for v in values]
+        return points
+
+    def condition(self, params: dict) -> dict:
+        """The condition of a trial: fixed values with templates filled, plus the space."""
+        out = {}
+        for key in CONDITION_KEYS:
+            value = params[key] if key in params else self.fixed.get(key, DEFAULTS.get(key))
+            out[key] = fill(value, params)
+        return out
+
+    def estimator_names(self, params: dict) -> list[str] | str:
+        if self.estimators == "all":
+            return "all"
+        return [fill(e, params) for e in self.estimators]
+
+
+def fill(value, params: dict):
+    """'gae:lambda={lam}' with params {'lam': 0.5} -> 'gae:lambda=0.5' (non-strings unchanged)."""
+    if not isinstance(value, str):
+        return value
+    return value.format(**{k: _short(v) for k, v in params.items()})
+
+
+def _short(v):
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def _fail(path: Path, key: str, rule: str, value) -> InputError:
+    return InputError(f"{path}: {key}: {rule}, got {value!r}")
+
+
+def _check_keys(path: Path, section: str, table: dict, allowed) -> None:
+    for key in table:
+        if key not in allowed:
+            raise InputError(f"{path}: unknown key '{section}{key}'"
+                             f"{did_you_mean(key, allowed)} allowed: {', '.join(allowed)}")
+
+
+def load_study(path: str | Path) -> StudySpec:
+    """Read and validate a study file; raise InputError naming the file, key, rule and value."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise InputError(f"study file '{path}' does not exist") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"{path}: not valid TOML ({exc})") from None
+    _check_keys(path, "", data, ("study", "space", "fixed", "objectives"))
+    study = data.get("study")
+    if not isinstance(study, dict):
+        raise InputError(f"{path}: missing table [study] (with at least name = \"...\")")
+    _check_keys(path, "study.", study, STUDY_KEYS)
+    name = study.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise _fail(path, "study.name", "must be letters, digits, '.', '_' or '-'", name)
+    sampler = study.get("sampler", "grid")
+    if sampler not in SAMPLERS:
+        raise InputError(f"{path}: study.sampler: unknown sampler '{sampler}'"
+                         f"{did_you_mean(str(sampler), SAMPLERS)} known: {', '.join(SAMPLERS)}")
+    trials = study.get("trials")
+    if sampler == "grid":
+        if trials is not None:
+            raise _fail(path, "study.trials", "a grid study runs every grid point; remove trials",
+                        trials)
+    elif not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        raise _fail(path, "study.trials", f"the {sampler} sampler needs an integer >= 1", trials)
+    seeds = study.get("seeds", [0])
+    if (not isinstance(seeds, list) or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+            or len(set(seeds)) != len(seeds)):
+        raise _fail(path, "study.seeds", "must be a non-empty list of distinct integers >= 0",
+                    seeds)
+    device = study.get("device", "auto")
+    if device not in ("auto", "cpu", "cuda"):
+        raise _fail(path, "study.device", "must be auto, cpu or cuda", device)
+    estimators = study.get("estimators", "all")
+    if estimators != "all" and (not isinstance(estimators, list) or not estimators
+                                or not all(isinstance(e, str) for e in estimators)):
+        raise _fail(path, "study.estimators", "must be \"all\" or a non-empty list of names",
+                    estimators)
+
+    space = _load_space(path, data.get("space", {}), sampler)
+    fixed = data.get("fixed", {})
+    if not isinstance(fixed, dict):
+        raise _fail(path, "fixed", "must be a table", fixed)
+    _check_keys(path, "fixed.", fixed, CONDITION_KEYS)
+    for key in CONDITION_KEYS:
+        if key in space and key in fixed:
+            raise InputError(f"{path}: '{key}' is both in [space] and [fixed]; keep one")
+        if key not in space and key not in fixed and key not in DEFAULTS:
+            raise InputError(f"{path}: '{key}' is not given; put it in [fixed] (one value) or "
+                             f"[space] (values to explore)")
+    for key, value in fixed.items():
+        _check_value(path, f"fixed.{key}", key, value)
+    for key, values in space.items():
+        if key in CONDITION_KEYS and isinstance(values, list):
+            for v in values:
+                _check_value(path, f"space.{key}", key, v)
+        elif key in CONDITION_KEYS and key in ("env", "policy"):
+            raise _fail(path, f"space.{key}", "must be a list of choices", values)
+    objectives = _load_objectives(path, data.get("objectives", []), sampler)
+    free = [k for k in space if k not in CONDITION_KEYS]
+    templated = [v for v in [*fixed.values(), *(estimators if estimators != "all" else []),
+                             *(o.estimator for o in objectives)] if isinstance(v, str)]
+    templated += [v for vs in space.values() if isinstance(vs, list) for v in vs
+                  if isinstance(v, str)]
+    used = {f for t in templated for _, f, _, _ in string.Formatter().parse(t) if f}
+    for f in used:
+        if f not in space:
+            raise InputError(f"{path}: template '{{{f}}}' names no parameter of [space]"
+                             f"{did_you_mean(f, list(space))} parameters: {', '.join(space) or 'none'}")
+    for f in free:
+        if f not in used:
+            raise InputError(f"{path}: space.{f}: a parameter that is neither a condition key "
+                             f"({', '.join(CONDITION_KEYS)}) nor used as {{{f}}} in a template")
+    _check_names(path, fixed, space, estimators, objectives)
+    return StudySpec(name=name, path=path, sampler=sampler, trials=trials, seeds=tuple(seeds),
+                     device=device, estimators=estimators if estimators == "all" else tuple(estimators),
+                     space=space, fixed=fixed, objectives=objectives,
+                     description=str(study.get("description", "")), text=text)
+
+
+def _check_names(path: Path, fixed: dict, space: dict, estimators, objectives) -> None:
+    """Environments, policy kinds and estimators without templates must exist."""
+    import estimators as registry
+
+    from .envs import make_mdp
+    from .policies import POLICY_KINDS
+    from .specs import parse_spec
+
+    def values(key):
+        if key in fixed:
+            return [(f"fixed.{key}", fixed[key])]
+        return [(f"space.{key}", v) for v in space.get(key, []) if isinstance(space[key], list)]
+
+    for where, env in values("env"):
+        if "{" not in env:
+            try:
+                make_mdp(env)
+            except InputError as exc:
+                raise InputError(f"{path}: {where}: {exc}") from None
+    for where, pol in values("policy"):
+        kind = parse_spec(pol)[0]
+        if "{" not in pol and not pol.endswith(".npy") and kind not in POLICY_KINDS:
+            raise InputError(f"{path}: {where}: unknown policy '{kind}'"
+                             f"{did_you_mean(kind, POLICY_KINDS)} known: {', '.join(POLICY_KINDS)}")
+    names = [] if estimators == "all" else [("study.estimators", e) for e in estimators]
+    names += [(f"objectives[{i}].estimator", o.estimator) for i, o in enumerate(objectives)]
+    names += [(f"objectives[{i}].baseline", o.baseline) for i, o in enumerate(objectives)]
+    for where, name in names:
+        if "{" not in name:
+            try:
+                registry.get(name)
+            except InputError as exc:
+                raise InputError(f"{path}: {where}: {exc}") from None
+
+
+def _load_space(path: Path, space, sampler: str) -> dict[str, list | Range]:
+    if not isinstance(space, dict):
+        raise _fail(path, "space", "must be a table", space)
+    out: dict[str, list | Range] = {}
+    for key, spec in space.items():
+        where = f"space.{key}"
+        if isinstance(spec, list):
+            if not spec or len({repr(v) for v in spec}) != len(spec):
+                raise _fail(path, where, "must list distinct values", spec)
+            out[key] = spec
+        elif isinstance(spec, dict):
+            if sampler == "grid":
+                raise _fail(path, where, "the grid sampler needs a list of values, not a range",
+                            spec)
+            _check_keys(path, where + ".", spec, ("low", "high", "log", "int"))
+            low, high = spec.get("low"), spec.get("high")
+            if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in (low, high)):
+                raise _fail(path, where, "a range needs numbers low and high", spec)
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise _fail(path, where, "a range needs finite low < high", spec)
+            if spec.get("log") and low <= 0:
+                raise _fail(path, where, "a log range needs low > 0", spec)
+            is_int = bool(spec.get("int", key in ("horizon", "trajectories", "batch_size")))
+            out[key] = Range(float(low), float(high), bool(spec.get("log", False)), is_int)
+        else:
+            raise _fail(path, where, "must be a list of values or a table {low, high}", spec)
+    return out
+
+
+def _check_value(path: Path, where: str, key: str, value) -> None:
+    if key in ("env", "policy"):
+        if not isinstance(value, str) or not value:
+            raise _fail(path, where, "must be a non-empty string", value)
+    elif key == "gamma":
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value <= 1:
+            raise _fail(path, where, "must be a number in [0, 1]", value)
+    else:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise _fail(path, where, "must be an integer >= 1", value)
+
+
+def _load_objectives(path: Path, objectives, sampler: str) -> tuple[Objective, ...]:
+    if sampler == "grid":
+        if objectives:
+            raise InputError(f"{path}: [[objectives]] are for searches; a grid study has none")
+        return ()
+    if not isinstance(objectives, list) or not objectives:
+        raise InputError(f"{path}: the {sampler} sampler needs at least one [[objectives]] "
+                         "table (metric, estimator, direction)")
+    out = []
+    for i, obj in enumerate(objectives):
+        where = f"objectives[{i}]"
+        if not isinstance(obj, dict):
+            raise _fail(path, where, "must be a table", obj)
+        _check_keys(path, where + ".", obj, OBJECTIVE_KEYS)
+        metric = obj.get("metric")
+        if metric not in METRICS:
+            raise InputError(f"{path}: {where}.metric: unknown metric '{metric}'"
+                             f"{did_you_mean(str(metric), METRICS)} known: {', '.join(METRICS)}")
+        estimator = obj.get("estimator")
+        if not isinstance(estimator, str) or not estimator:
+            raise _fail(path, where + ".estimator", "must name an estimator", estimator)
+        direction = obj.get("direction")
+        if direction not in ("minimize", "maximize"):
+            raise _fail(path, where + ".direction", "must be minimize or maximize", direction)
+        out.append(Objective(metric, estimator, direction, obj.get("baseline", "reinforce")))
+    if sampler == "nsga2" and len(out) < 2:
+        raise InputError(f"{path}: the nsga2 sampler is multi-objective: give two or more "
+                         f"[[objectives]], got {len(out)}")
+    if sampler == "cmaes" and len(out) > 1:
+        raise InputError(f"{path}: the cmaes sampler optimises one objective, got {len(out)}; "
+                         "use nsga2 for several")
+    return tuple(out)

@@ -1,0 +1,152 @@
+"""MLflow records of a study: one experiment per study, a parent run per invocation, nested runs
+per condition and per estimator. Everything goes through MlflowClient, so several processes can
+log to the same store.
+
+Metric keys are namespaced: ``bias/rel``, ``variance/trajectory``, ``test/p_value``, ...
+(``METRIC_KEYS`` maps each to the statistic it holds; docs/metrics.md explains them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+__all__ = ["METRIC_KEYS", "Tracker", "tracking_uri"]
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+# MLflow metric key -> key of an estimator's statistics (suite.stats.summarize)
+METRIC_KEYS = {
+    "bias/rel": "rel_bias",
+    "bias/rel_ci_low": ("rel_bias_ci", 0),
+    "bias/rel_ci_high": ("rel_bias_ci", 1),
+    "bias/rel_plugin": "rel_bias_plugin",
+    "bias/rel_noise_floor": "rel_bias_noise_floor",
+    "bias/rel_sq_debiased": "rel_sq_bias_debiased",
+    "variance/trajectory": "variance",
+    "variance/trajectory_ci_low": ("variance_ci", 0),
+    "variance/trajectory_ci_high": ("variance_ci", 1),
+    "variance/batch": "batch_variance",
+    "variance/noise_to_signal": "noise_to_signal",
+    "variance/ratio_vs_reinforce": "variance_ratio",
+    "variance/ratio_vs_reinforce_ci_low": ("variance_ratio_ci", 0),
+    "variance/ratio_vs_reinforce_ci_high": ("variance_ratio_ci", 1),
+    "test/p_value": "p_value",
+    "test/statistic": "test_statistic",
+    "test/rejects_unbiased": "rejects_unbiased",
+    "samples/batch_size_for_rel_mse_0.1": "batch_size_for_rel_mse_0.1",
+    "samples/batch_size_for_rel_mse_0.01": "batch_size_for_rel_mse_0.01",
+}
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment_tags(device: str) -> dict[str, str]:
+    import mlflow
+    import optuna
+    import torch
+
+    return {"git_commit": _git_commit(), "device": device, "torch_version": torch.__version__,
+            "optuna_version": optuna.__version__, "mlflow_version": mlflow.__version__,
+            "python_version": platform.python_version(), "host": platform.node()}
+
+
+def flatten_stats(row: dict) -> dict[str, float]:
+    """MLflow metrics of one estimator's statistics (finite numbers only)."""
+    out = {}
+    for key, src in METRIC_KEYS.items():
+        value = row.get(src) if isinstance(src, str) else (row.get(src[0]) or [None, None])[src[1]]
+        if isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, int | float) and math.isfinite(value):
+            out[key] = float(value)
+    for size, at in row.get("at_batch_size", {}).items():
+        for name in ("rel_mse", "cosine", "sign_agreement"):
+            if math.isfinite(at[name]):
+                out[f"batch/{name}_at_{size}"] = float(at[name])
+    return out
+
+
+class _Retrying:
+    """MlflowClient whose calls retry when a shared SQLite store is briefly locked."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def __getattr__(self, name):
+        method = getattr(self._client, name)
+        if not callable(method):
+            return method
+
+        def call(*args, **kwargs):
+            import time
+
+            for attempt in range(8):
+                try:
+                    return method(*args, **kwargs)
+                except Exception as exc:  # MlflowException wraps sqlalchemy's OperationalError
+                    if "locked" not in str(exc) or attempt == 7:
+                        raise
+                    time.sleep(0.25 * 2**attempt)
+
+        return call
+
+
+class Tracker:
+    """Thin, process-safe wrapper over MlflowClient for one study's experiment."""
+
+    def __init__(self, experiment: str, uri: str | None = None):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri or tracking_uri()
+        self.client = _Retrying(MlflowClient(tracking_uri=self.uri))
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = (found.experiment_id if found is not None
+                              else self.client.create_experiment(experiment))
+
+    def start(self, name: str, parent: str | None = None, tags: dict | None = None,
+              params: dict | None = None) -> str:
+        from mlflow.entities import Param
+
+        tags = dict(tags or {})
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        if params:
+            self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        return run.info.run_id
+
+    def log(self, run_id: str, metrics: dict[str, float], step: int = 0, tags: dict | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        for i in range(0, max(len(ms), 1), 900):  # MLflow caps a batch at 1000 entries
+            self.client.log_batch(run_id, metrics=ms[i:i + 900], tags=ts if i == 0 else [])
+
+    def log_json(self, run_id: str, obj, name: str) -> None:
+        self.client.log_text(run_id, json.dumps(obj, indent=1, sort_keys=True, default=str), name)
+
+    def log_file(self, run_id: str, path: str | Path) -> None:
+        self.client.log_artifact(run_id, str(path))
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
