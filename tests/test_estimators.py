@@ -132,3 +132,11 @@ def test_single_step_draws_match_their_expectation():
         drawn = torch.stack([est.gradients(ctx).dense() for _ in range(30)]).mean(0).mean(0)
         expected = est.gradients(ctx, expectation=True).dense().mean(0)
         assert (drawn - expected).norm() < 0.1 * expected.norm() + 1e-3, name
+
+
+def test_docs_list_every_estimator():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "estimators.md").read_text()
+    missing = [n for n in estimators.names() if f"`{n}`" not in text]
+    assert not missing, f"docs/estimators.md does not describe {missing}"

@@ -214,3 +214,18 @@ def test_malformed_study_files_fail_clearly_and_write_nothing(stores, capsys, ca
 def test_shipped_studies_load(name):
     spec = load_study(Path(__file__).resolve().parent.parent / "studies" / f"{name}.toml")
     assert spec.name == name
+
+
+def test_trials_left_running_by_a_killed_process_are_redone_on_request(stores):
+    tmp, uri, storage = stores
+    path = _write(tmp, TINY)
+    run_study(path, storage=storage, trials=1, progress=False)
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    orphan = study.ask({"env": optuna.distributions.CategoricalDistribution(["FrozenLake-v1",
+                                                                               "chain:n=4"]),
+                        "lam": optuna.distributions.CategoricalDistribution([0.0, 0.9])})
+    assert orphan.params  # a trial some SIGKILLed process left RUNNING
+    run_study(path, storage=storage, fail_running=True, progress=False)
+    trials = _trials(storage, "tiny")
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 4
+    assert not any(t.state == TrialState.RUNNING for t in trials)
