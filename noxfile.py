@@ -43,10 +43,19 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def study(session: nox.Session) -> None:
-    """Run a study end to end (default: studies/default.toml); `nox -s study -- FILE [options]`."""
+    """Run a study end to end; `nox -s study -- FILE [options]` (default: the default study + report)."""
     install(session)
     args = session.posargs or ["studies/default.toml"]
     session.run("python", "-m", "suite", "study", *args)
+    if not session.posargs:  # the default job ends with its report; `report` prints the paths
+        session.run("python", "-m", "suite", "report", "studies/default.toml")
+
+
+@nox.session(python=PYTHON)
+def report(session: nox.Session) -> None:
+    """HTML + PDF report of a study's MLflow runs; `nox -s report -- FILE|NAME [--out DIR]`."""
+    install(session)
+    session.run("python", "-m", "suite", "report", *(session.posargs or ["studies/default.toml"]))
 
 
 @nox.session(python=PYTHON)

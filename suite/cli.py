@@ -215,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_study)
     p = sub.add_parser("estimators", help="list the registered estimators and their claims")
     p.set_defaults(func=cmd_estimators)
+    from reports.cli import add_report_parser
+
+    add_report_parser(sub)
     return parser
 
 

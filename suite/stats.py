@@ -200,10 +200,15 @@ def summarize(moments: dict[str, Moments], g: Tensor, reference: str = "reinforc
         stat, p = unbiasedness_test(m, g, seed)
         g_sq = float(c["g_sq"]) or math.nan  # relative metrics are undefined when grad J = 0
         sq_bias_debiased = float(c["bias_sq_debiased"])
-        # basic bootstrap interval for the squared bias (its replicates are centred on the
-        # noisier plug-in value), then the square root of its non-negative part
-        lo, hi = _ci(b["bias_sq_debiased"])
-        sq_ci = [max(2 * sq_bias_debiased - hi, 0.0), max(2 * sq_bias_debiased - lo, 0.0)]
+        # bias-corrected percentile interval for the debiased squared bias: its replicates sit
+        # about tr Cov / M above the estimate (resampling adds noise once more), so the
+        # interval is shifted by the bootstrap's own bias, widened to hold the estimate, clipped
+        # at 0, and then square-rooted
+        reps = b["bias_sq_debiased"]
+        shift = float(reps[torch.isfinite(reps)].mean()) - sq_bias_debiased
+        lo, hi = _ci(reps)
+        sq_ci = [max(min(lo - shift, sq_bias_debiased), 0.0),
+                 max(hi - shift, sq_bias_debiased, 0.0)]
         row = {
             "n_trajectories": int(c["N"]), "batch_size": m.batch_size, "n_batches": int(c["M"]),
             "n_groups": K,

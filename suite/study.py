@@ -346,18 +346,21 @@ def _finished(study: optuna.Study) -> int:
 
 
 def _run_workers(spec, storage, parent, uri, workers, queued, progress, study) -> int:
+    """N spawned processes on the same storage; a worker that dies abruptly raises
+    BrokenProcessPool here instead of leaving the pool waiting forever."""
+    from concurrent.futures import ProcessPoolExecutor, wait
+
     from tqdm import tqdm
 
-    ctx = multiprocessing.get_context("spawn")
     start = _finished(study)
-    with ctx.Pool(workers) as pool:
-        result = pool.map_async(_worker_entry, [(str(spec.path), storage, parent, uri)] * workers)
+    args = (str(spec.path), storage, parent, uri)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_worker_entry, args) for _ in range(workers)]
         with tqdm(total=queued, unit="trial", desc=spec.name, disable=not progress or None,
                   file=sys.stderr) as bar:
-            while not result.ready():
-                result.wait(1.0)
+            while wait(futures, timeout=1.0)[1]:
                 bar.update(_finished(study) - start - bar.n)
-        codes = result.get()
+        codes = [f.result() for f in futures]
     if any(c < 0 for c in codes):
         raise KeyboardInterrupt
     return sum(codes)

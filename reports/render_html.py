@@ -1,0 +1,28 @@
+"""The self-contained HTML report: one jinja2 template, figures inlined as base64 PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import jinja2
+from markupsafe import Markup
+
+from .derivation import markup
+
+if TYPE_CHECKING:
+    from . import Report
+
+__all__ = ["render_html"]
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+def render_html(report: Report) -> str:
+    """The page as a string (no external resources: styles inline, images as data URIs)."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
+                             autoescape=jinja2.select_autoescape(["html", "j2"]),
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["prose"] = lambda text: Markup(markup(text))  # $...$ spans become math
+    env.filters["math"] = lambda text: Markup(markup(f"${text}$"))
+    return env.get_template("report.html.j2").render(r=report)
