@@ -45,22 +45,27 @@ class Estimator:
     def claims_unbiased(self, gamma: float) -> bool:
         return bool(self.unbiased_if(gamma))
 
-    def weights(self, ctx: Context, expectation: bool = False) -> torch.Tensor:
+    def weights(self, ctx: Context, expectation: bool = False,
+                generator: torch.Generator | None = None) -> torch.Tensor:
         """Step weights w [N, T] of a weights or single_step estimator; ``expectation`` averages
-        over the estimator's own randomness exactly instead of sampling it."""
+        over the estimator's own randomness exactly instead of sampling it, which otherwise
+        comes from ``generator`` (default ctx.generator)."""
         out = self.fn(ctx)
         if self.kind == "weights":
             return out
         if self.kind != "single_step":
             raise TypeError(f"{self.name} returns gradients, not weights")
         q, c = out
-        return q * c if expectation else _draw_single_step(q, c, ctx.generator)
+        if expectation:
+            return q * c
+        return _draw_single_step(q, c, generator or ctx.generator)
 
-    def gradients(self, ctx: Context, expectation: bool = False) -> Grads:
-        """Per-trajectory gradients on ctx's batch (see ``weights`` for ``expectation``)."""
+    def gradients(self, ctx: Context, expectation: bool = False,
+                  generator: torch.Generator | None = None) -> Grads:
+        """Per-trajectory gradients on ctx's batch (see ``weights``)."""
         if self.kind == "grads":
             return self.fn(ctx)
-        return ctx.score(self.weights(ctx, expectation))
+        return ctx.score(self.weights(ctx, expectation, generator))
 
 
 def _draw_single_step(q: torch.Tensor, c: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -80,14 +81,16 @@ def measure(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, n: int, ba
     contraction = Contraction(policy, dev)
     first, steps = 0, 0
     for c, chunk_batch in enumerate(sample_chunks(mdp, sol.pi, sol.horizon, n, seed, dev, chunk)):
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(int(np.random.SeedSequence([int(seed), c, 1]).generate_state(1)[0]))
+        # each estimator's own randomness: a generator per (seed, chunk, estimator name), so its
+        # draws do not depend on which other estimators run, nor on their order
+        gens = {e.name: _generator(dev, seed, c, e.name) for e in estimators}
         for start in range(0, chunk_batch.n, piece):
             batch = chunk_batch.rows(start, start + piece)
-            ctx = Context(batch, sol.gamma, exact, contraction.for_batch(batch), batch_size, gen)
+            ctx = Context(batch, sol.gamma, exact, contraction.for_batch(batch), batch_size)
             index = ChunkIndex.build(first, batch.n, batch_size, M, factors, dev)
             for est in estimators:
-                moments[est.name].add(est.gradients(ctx), first, g, index)
+                grads = est.gradients(ctx, generator=gens[est.name])
+                moments[est.name].add(grads, first, g, index)
             first += batch.n
             steps += int(batch.lengths.sum())
             if progress:
@@ -98,6 +101,13 @@ def measure(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, n: int, ba
         stats[est.name]["condition"] = est.condition
     means = {k: (m.gsum.sum(0) / m.gn.sum()).cpu().numpy() for k, m in moments.items()}
     return Measurement(stats, means, steps, time.perf_counter() - started)
+
+
+def _generator(device: torch.device, seed: int, chunk: int, name: str) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    key = zlib.crc32(name.encode())
+    gen.manual_seed(int(np.random.SeedSequence([int(seed), chunk, 1, key]).generate_state(1)[0]))
+    return gen
 
 
 def _to_cpu(m: Moments) -> Moments:

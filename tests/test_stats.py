@@ -94,3 +94,16 @@ def test_biased_estimators_are_flagged_and_unbiased_ones_are_not():
     # strongly biased ones are caught; no unbiased one reaches p < 1e-3
     assert {"reward_to_go_missing_discount", "final_formula_single_step"} <= flagged
     assert flagged <= biased, f"unbiased estimators flagged: {flagged - biased}"
+
+
+def test_results_do_not_depend_on_the_other_estimators_chosen():
+    """Same seed, same trajectories; a randomised estimator's draws are its own."""
+    mdp = tiny_mdp(seed=4, S=3)
+    policy = random_policy(3, 2, seed=0)
+    sol = solve(mdp, policy, 0.9, 5)
+    alone = measure(mdp, policy, sol, estimators.resolve("pgt_state_sampling"), 2000, 10, seed=3,
+                    device="cpu").stats["pgt_state_sampling"]
+    among = measure(mdp, policy, sol, estimators.resolve("all"), 2000, 10, seed=3,
+                    device="cpu").stats["pgt_state_sampling"]
+    for key in ("variance", "rel_bias_plugin", "p_value", "variance_ratio"):
+        assert alone[key] == among[key], key
