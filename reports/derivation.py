@@ -325,10 +325,10 @@ def methodology(data: StudyData) -> list[tuple[str, str]]:
          "unbiased is not rejected, or one claimed biased is."),
         ("Intervals (one seed)", f"95% bootstrap over the K groups ({S.N_BOOT} resamples, the "
          "same for every estimator, so the variance ratio is paired): percentile intervals for "
-         "the variance and the variance ratio; a basic bootstrap interval for the debiased squared "
-         "bias, whose non-negative part gives the relative-bias interval. It can be [0, 0] "
-         "around a positive point when the resampled values are noisier than the estimate: the "
-         "bias is then not distinguishable from 0."),
+         "the variance and the variance ratio; for the debiased squared bias a percentile interval "
+         "shifted by the bootstrap's own bias (resampling adds the noise once more) and widened to "
+         "hold the estimate, whose non-negative part, square-rooted, gives the relative-bias "
+         "interval. An interval reaching 0 means the bias is not distinguishable from 0."),
         ("Several seeds", "Each number is the mean over seeds; 95% t-intervals across seeds "
          "replace the bootstrap intervals for relative bias, variance and variance ratio (lower "
          "end floored at 0), and Fisher's method combines the seeds' p-values."

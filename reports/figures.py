@@ -171,8 +171,8 @@ def bias_figure(data: StudyData) -> Figure:
     return Figure("bias", title, png=_png(fig), caption=(
         "Each row is an estimator; each point is one condition"
         + ("" if coloured or len(labels) == 1 else " (the tables list them)")
-        + ", with its 95% interval as a line (hidden behind the point when it is narrow or "
-        "when it is [0, 0]; the tables give the numbers). "
+        + ", with its 95% interval as a line (hidden behind the point when it is narrow; "
+        "the tables give the numbers). "
         "Rows shaded red are estimators that claim to be biased there (light red: in some of the "
         "conditions). A black rim marks a point whose test rejects 'mean = ∇J' at level 0.05. "
         "The axis is linear below 0.01 and logarithmic above; 0 means no bias above the noise "
