@@ -16,7 +16,7 @@ from .registry import register
 def batch_mean_baseline(ctx: Context):
     """w_t = gamma^t (G_t - (1/B) sum_{j in batch} G_t^j), self included (G_t^j = 0 once j ended)."""
     G = ctx.reward_to_go
-    return ctx.discount * (G - ctx.batch_sum(G) / ctx.batch_size) * ctx.batch.mask
+    return ctx.discount * (G - ctx.batch_sum(G) / ctx.batch_size)
 
 
 @register("leave_one_out_baseline", formula="sum_t gamma^t psi_t (G_t - mean_{j != i} G_t^j)",
@@ -27,7 +27,7 @@ def leave_one_out_baseline(ctx: Context):
     """w_t = gamma^t (G_t - (1/(B-1)) sum_{j != i} G_t^j)."""
     G = ctx.reward_to_go
     B = ctx.batch_size
-    return ctx.discount * (G - (ctx.batch_sum(G) - G) / (B - 1)) * ctx.batch.mask
+    return ctx.discount * (G - (ctx.batch_sum(G) - G) / (B - 1))
 
 
 @register("exact_value_baseline", formula="sum_t gamma^t psi_t (G_t - V_t(s_t))", unbiased=True,
@@ -35,7 +35,7 @@ def leave_one_out_baseline(ctx: Context):
           reference="Sutton & Barto 2018, sec. 13.4 (REINFORCE with baseline)")
 def exact_value_baseline(ctx: Context):
     """w_t = gamma^t (G_t - V_t(s_t)) with the exact finite-horizon value V_t."""
-    return ctx.discount * (ctx.reward_to_go - ctx.value_at(ctx.exact.V)) * ctx.batch.mask
+    return ctx.discount * (ctx.reward_to_go - ctx.value_at(ctx.exact.V))
 
 
 @register("fitted_value_baseline", formula="sum_t gamma^t psi_t (G_t - Vhat(s_t)), Vhat from the "
@@ -45,14 +45,14 @@ def exact_value_baseline(ctx: Context):
 def fitted_value_baseline(ctx: Context):
     """w_t = gamma^t (G_t - Vhat(s_t)), Vhat(s) = mean of G_t over the visits to s in the other
     half of the batch (0 for states it never visited)."""
-    G, mask, states = ctx.reward_to_go, ctx.batch.mask, ctx.batch.states
+    G = ctx.reward_to_go
     S = ctx.exact.pi.shape[0]
-    key = (ctx.half[:, None] * S + states)[mask]
-    sums = torch.zeros(ctx.n_halves * S, dtype=G.dtype, device=G.device).index_add_(0, key, G[mask])
-    visits = torch.zeros_like(sums).index_add_(0, key, torch.ones_like(G[mask]))
-    v_hat = torch.where(visits > 0, sums / visits.clamp(min=1), torch.zeros_like(sums))
-    baseline = v_hat[ctx.other_half[:, None] * S + states]
-    return ctx.discount * (G - baseline) * mask
+    key = ctx.half[ctx.step_traj] * S + ctx.step_state  # [L] (fold, state) of each step
+    sums = torch.bincount(key, ctx.steps_of(G), ctx.n_halves * S)
+    visits = torch.bincount(key, minlength=ctx.n_halves * S)
+    v_hat = sums / visits.clamp(min=1)  # 0 for states the fold never visited
+    baseline = v_hat[ctx.other_half[:, None] * S + ctx.batch.states]
+    return ctx.discount * (G - baseline)
 
 
 @register("optimal_constant_baseline", kind="grads", needs_batch=True, unbiased=True,
@@ -64,7 +64,7 @@ def optimal_constant_baseline(ctx: Context):
     """Per-parameter constant baseline that minimises the variance of REINFORCE, cross-fitted:
     g_ik = R_ik (G_0 - b_k), R_i = sum_t grad log pi(a_t|s_t), b from the other half (0 where the
     other half has no score in coordinate k)."""
-    R = ctx.score(ctx.batch.mask.to(torch.float64))  # sum_t psi_t
+    R = ctx.score(ctx.ones)  # sum_t psi_t
     G0 = ctx.reward_to_go[:, 0]
     R2 = R.square()
     num = R2.times_traj(G0).group_sum(ctx.half, ctx.n_halves)

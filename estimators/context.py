@@ -39,6 +39,16 @@ class Context:
         return self.batch.rewards.shape[1]
 
     @cached_property
+    def mask(self) -> Tensor:
+        """1.0 where step t happened, 0.0 after the end of the episode, shape [N, T] float64."""
+        return self.batch.mask.to(torch.float64)
+
+    @cached_property
+    def ones(self) -> Tensor:
+        """1.0 everywhere, shape [N, T] (as weights: sum_t grad log pi, the score)."""
+        return torch.ones_like(self.batch.rewards)
+
+    @cached_property
     def discount(self) -> Tensor:
         """gamma^t, shape [T] (gamma = 0 gives 1, 0, 0, ...)."""
         t = torch.arange(self.T, dtype=torch.float64, device=self.device)
@@ -50,7 +60,9 @@ class Context:
         When factor^(T-1) stays far from underflow: a reverse cumulative sum of factor^k x_k
         divided by factor^t (each partial sum holds only terms k >= t, so the relative error stays
         at float64 round-off). Otherwise one product with the upper-triangular [T, T] matrix of
-        factor^(k-t)."""
+        factor^(k-t). factor = 0 returns x itself."""
+        if factor == 0:
+            return x
         if factor > 0 and (self.T - 1) * math.log(factor) > -500:
             powers = factor ** torch.arange(self.T, dtype=torch.float64, device=self.device)
             return (x * powers).flip(1).cumsum(1).flip(1) / powers
@@ -91,7 +103,7 @@ class Context:
     def next_value(self, V: Tensor) -> Tensor:
         """V[t+1, s_{t+1}] if step t+1 happened, else 0 (termination or horizon), shape [N, T]."""
         nxt = torch.zeros_like(self.batch.rewards)
-        nxt[:, :-1] = self.value_at(V)[:, 1:] * self.batch.mask[:, 1:]
+        nxt[:, :-1] = self.value_at(V)[:, 1:] * self.mask[:, 1:]
         return nxt
 
     def batch_sum(self, x: Tensor) -> Tensor:
@@ -124,6 +136,15 @@ class Context:
         """X_i = sum_t sum_a c_it[a] grad pi(a|s_it), from c [L, A] at the sampled steps
         (in the order of step_time / step_state)."""
         return self.contraction.pi_grad(c)
+
+    def steps_of(self, x: Tensor) -> Tensor:
+        """x [N, T, ...] at the sampled steps, [L, ...] in step order."""
+        return self.contraction.steps_of(x)
+
+    @property
+    def step_traj(self) -> Tensor:
+        """Trajectory of each sampled step, [L]."""
+        return self.contraction.step_traj
 
     @property
     def step_time(self) -> Tensor:

@@ -15,7 +15,7 @@ from .registry import Estimator, register
           reference="Sutton et al. 2000, 'Policy gradient methods ... function approximation'")
 def q_oracle(ctx: Context):
     """w_t = gamma^t Q_t(s_t, a_t) with the exact finite-horizon Q."""
-    return ctx.discount * ctx.q_at(ctx.exact.Q) * ctx.batch.mask
+    return ctx.discount * ctx.q_at(ctx.exact.Q)
 
 
 @register("advantage_oracle", formula="sum_t gamma^t psi_t A_t(s_t, a_t)", unbiased=True,
@@ -24,7 +24,7 @@ def q_oracle(ctx: Context):
 def advantage_oracle(ctx: Context):
     """w_t = gamma^t (Q_t(s_t, a_t) - V_t(s_t))."""
     adv = ctx.q_at(ctx.exact.Q) - ctx.value_at(ctx.exact.V)
-    return ctx.discount * adv * ctx.batch.mask
+    return ctx.discount * adv
 
 
 @register("all_action", kind="grads", unbiased=True,
@@ -68,7 +68,7 @@ def gae(ctx: Context, lam: float, critic: str = "exact", sigma: float = 0.0, see
     if key not in ctx.cache:  # shared by the GAE variants that use the same critic
         V = critic_table(ctx, critic, sigma, seed)
         ctx.cache[key] = (ctx.batch.rewards + ctx.gamma * ctx.next_value(V) - ctx.value_at(V)) \
-            * ctx.batch.mask
+            * ctx.mask  # delta = 0 after the end, so the sums to go stop there
     return ctx.discount * ctx.discounted_sum_to_go(ctx.cache[key], ctx.gamma * lam)
 
 

@@ -10,7 +10,7 @@ from .registry import register
 
 def _uniform_step(ctx: Context) -> torch.Tensor:
     """q_it = 1 / T_i on the realised steps: t* uniform on 0..T_i-1."""
-    return ctx.batch.mask / ctx.batch.lengths[:, None].to(torch.float64)
+    return ctx.mask / ctx.batch.lengths[:, None].to(torch.float64)
 
 
 @register("final_formula_single_step", kind="single_step", unbiased=False,
@@ -46,5 +46,5 @@ def pgt_state_sampling(ctx: Context):
     t = torch.arange(H, dtype=torch.float64, device=ctx.device)
     disc = torch.tensor(ctx.gamma, dtype=torch.float64, device=ctx.device) ** t
     Z = disc.sum()
-    q = (disc[: ctx.T] / Z) * ctx.batch.mask
+    q = (disc[: ctx.T] / Z) * ctx.mask
     return q, Z * ctx.reward_to_go

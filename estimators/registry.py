@@ -3,7 +3,8 @@
 An estimator is a short function of a ``Context`` (the batch, the exact solution, helpers) that
 returns one of three kinds of result:
 
-* ``weights``: w [N, T]; the estimate is g_i = sum_t w_it grad log pi(a_it|s_it)
+* ``weights``: w [N, T]; the estimate is g_i = sum_t w_it grad log pi(a_it|s_it) over the steps
+  that happened (entries past the end of an episode are ignored, so they need no masking)
 * ``single_step``: (q [N, T], c [N, T]); one step t* ~ q_i (rows may sum to < 1: the rest is
   "no step", estimate 0) and g_i = c_it* grad log pi(a_it*|s_it*). The exact expectation over t*
   is the weighting q * c, which the enumeration tests use.
@@ -71,9 +72,10 @@ class Estimator:
 def _draw_single_step(q: torch.Tensor, c: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Weights that are c_it* at one t* ~ q_i and 0 elsewhere (0 everywhere w.p. 1 - sum q_i)."""
     u = torch.rand(q.shape[0], 1, generator=gen, dtype=q.dtype, device=q.device)
-    t_star = (q.cumsum(1) <= u).sum(1, keepdim=True)  # == T when u falls in the "no step" mass
-    onehot = torch.arange(q.shape[1], device=q.device)[None, :] == t_star
-    return torch.where(onehot, c, torch.zeros((), dtype=c.dtype, device=c.device))
+    t_star = torch.searchsorted(q.cumsum(1), u, right=True)  # [N, 1]: number of cdf values <= u
+    drawn = t_star < q.shape[1]  # False when u falls in the "no step" mass
+    t_star = t_star.clamp(max=q.shape[1] - 1)
+    return torch.zeros_like(c).scatter_(1, t_star, c.gather(1, t_star) * drawn)
 
 
 REGISTRY: dict[str, Estimator] = {}

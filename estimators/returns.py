@@ -14,8 +14,7 @@ def reinforce(ctx: Context):
 
     grad J = E[ G_0 sum_t grad log pi(a_t|s_t) ]  (log-derivative trick; dynamics drop out).
     """
-    G0 = ctx.reward_to_go[:, :1]
-    return G0.expand_as(ctx.batch.rewards) * ctx.batch.mask
+    return ctx.reward_to_go[:, :1].expand_as(ctx.batch.rewards)
 
 
 @register("reward_to_go", formula="sum_t gamma^t psi_t G_t", unbiased=True,

@@ -120,7 +120,7 @@ def cmd_measure(args) -> int:
     with tqdm(total=args.trajectories, unit="traj", unit_scale=True, disable=None,
               desc="measure", file=sys.stderr) as bar:
         result = measure(mdp, policy, sol, chosen, args.trajectories, args.batch_size,
-                         args.seed, device, progress=bar.update)
+                         args.seed, device, progress=bar.update, threads=args.threads)
     print(f"environment  {mdp.name} ({mdp.n_states} states, {mdp.n_actions} actions), "
           f"policy {policy.name}, gamma {sol.gamma:g}, horizon {sol.horizon}")
     print(f"J = {sol.J:.6g}, |grad J| = {sol.grad_norm:.6g}; {args.trajectories:,} trajectories "
@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimators", default="all", help="comma-separated names, or all (default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda")
+    p.add_argument("--threads", type=int,
+                   help="threads, each reducing its own chunks of trajectories (default: torch's "
+                        "thread count on CPU, 1 on CUDA); results do not depend on it")
     p.set_defaults(func=cmd_measure)
     p = sub.add_parser("study", help="run (or resume) a study file with Optuna, logging to MLflow")
     p.add_argument("study_file", help="a study file, e.g. studies/default.toml")

@@ -16,6 +16,7 @@ costs a scatter and a few passes over its values.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -40,11 +41,18 @@ class _Rows:
     A: int
     _group_rows: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def group_rows(self, group: Tensor) -> Tensor:
-        """group[row_traj] * S + row_state, cached per grouping (the statistics reuse one)."""
+    @property
+    def ones(self) -> Tensor:  # [A]: row sums as a matrix-vector product
+        return torch.ones(self.A, dtype=torch.float64, device=self.row_traj.device)
+
+    def group_entries(self, group: Tensor) -> Tensor:
+        """[V*A] entry (group[row_traj], row_state, a) of each value in a flattened [G, S, A]
+        table; cached per grouping (the statistics reuse one)."""
         hit = self._group_rows.get(id(group))
         if hit is None or hit[0] is not group:
-            hit = (group, group[self.row_traj] * self.S + self.row_state)
+            rows = group[self.row_traj] * self.S + self.row_state
+            a = torch.arange(self.A, device=rows.device)
+            hit = (group, (rows[:, None] * self.A + a).reshape(-1))
             self._group_rows[id(group)] = hit
         return hit[1]
 
@@ -85,13 +93,12 @@ class RowGrads(Grads):
 
     def sq_norms(self) -> Tensor:
         out = torch.zeros(self.rows.n, dtype=self.values.dtype, device=self.values.device)
-        return out.index_add_(0, self.rows.row_traj, (self.values**2).sum(1))
+        return out.index_add_(0, self.rows.row_traj, self.values.square() @ self.rows.ones)
 
     def group_sum(self, group: Tensor, n_groups: int) -> Tensor:
         S, A = self.rows.S, self.rows.A
-        out = torch.zeros(n_groups * S, A, dtype=self.values.dtype, device=self.values.device)
-        out.index_add_(0, self.rows.group_rows(group), self.values)
-        return out.reshape(n_groups, S * A)
+        return torch.bincount(self.rows.group_entries(group), self.values.reshape(-1),
+                              n_groups * S * A).reshape(n_groups, S * A)
 
     def times_traj(self, c: Tensor) -> RowGrads:
         return RowGrads(self.values * c[self.rows.row_traj, None], self.rows)
@@ -163,15 +170,20 @@ class Contraction:
         self.batch: Batch | None = None
 
     def for_batch(self, batch: Batch) -> Contraction:
-        """Index the batch's steps once (shared by every estimator on this batch)."""
+        """A copy indexed for the batch's steps (shared by every estimator on this batch); self
+        is left as it was, so threads may share it."""
+        return copy.copy(self)._index(batch)
+
+    def _index(self, batch: Batch) -> Contraction:
         self.batch = batch
         self.mask = batch.mask
-        traj = torch.arange(batch.n, device=batch.mask.device)[:, None].expand_as(self.mask)
-        traj = traj[self.mask]
-        states, actions = batch.states[self.mask], batch.actions[self.mask]
+        T = self.mask.shape[1]
+        # flat [N*T] positions of the sampled steps, in (trajectory, time) order: one nonzero
+        # per batch; every later selection is an index_select with it
+        self.flat = self.mask.reshape(-1).nonzero().squeeze(1)  # [L]
+        traj, self.step_time = self.flat // T, self.flat % T
+        states, actions = self.steps_of(batch.states), self.steps_of(batch.actions)
         self.step_traj, self.step_state, self.step_action = traj, states, actions
-        steps = torch.arange(self.mask.shape[1], device=self.mask.device)
-        self.step_time = steps[None, :].expand_as(self.mask)[self.mask]
         if self.tabular:
             # rows = distinct (trajectory, state) keys, numbered in key order via a dense flag map
             key = traj * self.S + states
@@ -181,27 +193,26 @@ class Contraction:
             keys = flags.nonzero().squeeze(1)
             self.rows = _Rows(step_row, actions, keys // self.S, keys % self.S, batch.n, self.S,
                               self.A)
-            # slot of every (n, t) entry in the flattened [V + 1, A] table; entries after the end
-            # of an episode go to a dummy row V, so weights need no masked selection
-            V = len(keys)
-            slot = torch.full(self.mask.shape, V * self.A, dtype=torch.int64, device=self.mask.device)
-            slot[self.mask] = step_row * self.A + actions
-            self.slot = slot.reshape(-1)
+            self.slot = step_row * self.A + actions  # [L] entry of each step in the [V, A] table
             self.pi_rows = self.pi[self.rows.row_state]  # [V, A]
+            self.ones_A = torch.ones(self.A, dtype=self.pi.dtype, device=self.pi.device)
         return self
 
     def steps_of(self, x: Tensor) -> Tensor:
         """The sampled steps of x [N, T, ...], in the contraction's step order: [L, ...]."""
-        return x[self.mask]
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.flat)
 
     def score(self, weights: Tensor) -> Grads:
-        """X_i = sum_t w_it grad log pi(a_it|s_it), from weights [N, T] (ignored where masked)."""
+        """X_i = sum_t w_it grad log pi(a_it|s_it), from weights [N, T] (entries past the end of
+        an episode are ignored, whatever they hold)."""
         if self.tabular:
             r = self.rows
-            w = weights.reshape(-1)
-            counts = torch.zeros((len(r.row_traj) + 1) * self.A, dtype=w.dtype, device=w.device)
-            counts = counts.index_add_(0, self.slot, w).reshape(-1, self.A)[:-1]
-            return RowGrads(counts - self.pi_rows * counts.sum(1, keepdim=True), r)
+            w = self.steps_of(weights)
+            counts = torch.zeros(len(r.row_traj) * self.A, dtype=w.dtype, device=w.device)
+            counts = counts.index_add_(0, self.slot, w).reshape(-1, self.A)
+            # counts - pi(.|s) * (row total), fused
+            return RowGrads(torch.addcmul(counts, self.pi_rows, (counts @ self.ones_A)[:, None],
+                                          value=-1.0), r)
         w = self.steps_of(weights)
         cot = torch.zeros(self.batch.n * self.S * self.A, dtype=w.dtype, device=w.device)
         idx = (self.step_traj * self.S + self.step_state) * self.A + self.step_action
@@ -215,7 +226,8 @@ class Contraction:
             r = self.rows
             acc = torch.zeros(len(r.row_traj), self.A, dtype=c.dtype, device=c.device)
             weighted = self.pi_rows * acc.index_add_(0, r.step_row, c)
-            return RowGrads(weighted - self.pi_rows * weighted.sum(1, keepdim=True), r)
+            return RowGrads(torch.addcmul(weighted, self.pi_rows, (weighted @ self.ones_A)[:, None],
+                                          value=-1.0), r)
         cot = torch.zeros(self.batch.n * self.S, self.A, dtype=c.dtype, device=c.device)
         cot = cot.index_add_(0, self.step_traj * self.S + self.step_state, c)
         return DenseGrads(cot.reshape(self.batch.n, -1) @ self.J_pi)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,8 +17,8 @@ from .errors import InputError
 from .exact import ExactSolution
 from .mdp import MDP
 from .policies import Policy
-from .sampler import default_chunk_size, resolve_device, sample_chunks
-from .stats import ChunkIndex, Moments, block_factors, summarize
+from .sampler import ChunkSampler, default_chunk_size, resolve_device
+from .stats import SUMS, ChunkIndex, Moments, block_factors, summarize
 
 __all__ = ["MIN_BATCHES", "Measurement", "check_sizes", "measure"]
 
@@ -63,44 +66,101 @@ def _chunk_sizes(n: int, horizon: int, block: int) -> tuple[int, int]:
 
 def measure(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, n: int, batch_size: int,
             seed: int = 0, device: str | torch.device = "auto",
-            progress: Callable[[int], None] | None = None) -> Measurement:
-    """Sample n trajectories once and evaluate every estimator on them."""
-    import time
+            progress: Callable[[int], None] | None = None, threads: int | None = None) -> Measurement:
+    """Sample n trajectories once and evaluate every estimator on them.
 
+    The trajectories come in numbered chunks, each drawn from its own seed and reduced to sums by
+    one of ``threads`` threads (default on CPU: torch.get_num_threads(); on CUDA: 1); the chunks'
+    sums are added in chunk order, so every number is the same for any thread count."""
     check_sizes(n, batch_size, estimators)
+    if threads is not None and threads < 1:
+        raise InputError(f"threads must be >= 1, got {threads}")
     dev = resolve_device(device)
     started = time.perf_counter()
-    from estimators import Context  # local: estimators imports suite
-
-    exact = sol.to(dev)
-    g = exact.grad
     M = n // batch_size
     factors = block_factors(M, batch_size)
     chunk, piece = _chunk_sizes(n, sol.horizon, max(factors) * batch_size)
-    moments = {e.name: Moments(policy.n_params, batch_size, M, factors, dev) for e in estimators}
-    contraction = Contraction(policy, dev)
-    first, steps = 0, 0
-    for c, chunk_batch in enumerate(sample_chunks(mdp, sol.pi, sol.horizon, n, seed, dev, chunk)):
-        # each estimator's own randomness: a generator per (seed, chunk, estimator name), so its
-        # draws do not depend on which other estimators run, nor on their order
-        gens = {e.name: _generator(dev, seed, c, e.name) for e in estimators}
-        for start in range(0, chunk_batch.n, piece):
-            batch = chunk_batch.rows(start, start + piece)
-            ctx = Context(batch, sol.gamma, exact, contraction.for_batch(batch), batch_size)
-            index = ChunkIndex.build(first, batch.n, batch_size, M, factors, dev)
-            for est in estimators:
-                grads = est.gradients(ctx, generator=gens[est.name])
-                moments[est.name].add(grads, first, g, index)
-            first += batch.n
-            steps += int(batch.lengths.sum())
-            if progress:
-                progress(batch.n)
-    stats = summarize({k: _to_cpu(m) for k, m in moments.items()}, g.cpu(), seed=seed)
+    sampler = ChunkSampler(mdp, sol.pi, sol.horizon, n, seed, dev, chunk)
+    run = _Run(sampler, Contraction(policy, dev), sol.to(dev), list(estimators), batch_size, piece,
+               lambda: Moments(policy.n_params, batch_size, M, factors, dev))
+    totals = {e.name: run.empty() for e in estimators}
+    steps = 0
+    n_threads = max(1, min(threads or _default_threads(dev), len(sampler)))
+    with _intra_op_threads(1 if n_threads > 1 else torch.get_num_threads()), \
+            ThreadPoolExecutor(n_threads, thread_name_prefix="measure") as pool:
+        futures = [pool.submit(run.chunk, c) for c in range(len(sampler))]
+        try:
+            for c, future in enumerate(futures):  # in chunk order: the same sums for any thread count
+                partial, chunk_steps = future.result()
+                for name, m in partial.items():
+                    totals[name].merge(m)
+                steps += chunk_steps
+                if progress:
+                    progress(min(chunk, n - sampler.first(c)))
+        finally:
+            for future in futures:
+                future.cancel()
+    g = run.exact.grad
+    stats = summarize({k: _to_cpu(m) for k, m in totals.items()}, g.cpu(), seed=seed)
     for est in estimators:
         stats[est.name]["claims_unbiased"] = est.claims_unbiased(sol.gamma)
         stats[est.name]["condition"] = est.condition
-    means = {k: (m.gsum.sum(0) / m.gn.sum()).cpu().numpy() for k, m in moments.items()}
+    means = {k: (m.gsum.sum(0) / m.gn.sum()).cpu().numpy() for k, m in totals.items()}
     return Measurement(stats, means, steps, time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every chunk of one measurement shares (read-only, so threads can share it)."""
+
+    sampler: ChunkSampler
+    contraction: Contraction  # not indexed: for_batch gives each piece its own copy
+    exact: ExactSolution  # on the device
+    estimators: list
+    batch_size: int
+    piece: int  # trajectories handled by the estimators at once
+    empty: Callable[[], Moments]
+
+    def chunk(self, c: int) -> tuple[dict[str, Moments], int]:
+        """Sums of chunk c for every estimator, and its number of steps."""
+        from estimators import Context  # local: estimators imports suite
+
+        batch_all = self.sampler.chunk(c)
+        first, steps = self.sampler.first(c), 0
+        partial = {e.name: self.empty() for e in self.estimators}
+        any_m = next(iter(partial.values()))
+        # each estimator's own randomness: a generator per (seed, chunk, estimator name), so its
+        # draws do not depend on which other estimators run, nor on their order
+        gens = {e.name: _generator(self.sampler.device, self.sampler.seed, c, e.name)
+                for e in self.estimators}
+        for start in range(0, batch_all.n, self.piece):
+            batch = batch_all.rows(start, start + self.piece)
+            ctx = Context(batch, self.exact.gamma, self.exact, self.contraction.for_batch(batch),
+                          self.batch_size)
+            index = ChunkIndex.build(first, batch.n, self.batch_size, any_m.n_batches,
+                                     self.sampler.device)
+            for est in self.estimators:
+                grads = est.gradients(ctx, generator=gens[est.name])
+                partial[est.name].add(grads, first, self.exact.grad, index)
+            first += batch.n
+            steps += int(batch.lengths.sum())
+        return partial, steps
+
+
+def _default_threads(device: torch.device) -> int:
+    """On CPU as many as torch would use; on CUDA one (the device is the parallel part)."""
+    return torch.get_num_threads() if device.type == "cpu" else 1
+
+
+@contextlib.contextmanager
+def _intra_op_threads(k: int):
+    """torch's intra-op thread count set to k for the block, then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(k)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _generator(device: torch.device, seed: int, chunk: int, name: str) -> torch.Generator:
@@ -113,7 +173,7 @@ def _generator(device: torch.device, seed: int, chunk: int, name: str) -> torch.
 def _to_cpu(m: Moments) -> Moments:
     if m.device.type == "cpu":
         return m
-    for name in ("gsum", "gsq", "gbsq", "gn", "gm", "blocks"):
+    for name in SUMS:
         setattr(m, name, getattr(m, name).cpu())
     m.device = torch.device("cpu")
     return m

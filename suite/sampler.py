@@ -20,7 +20,7 @@ from torch import Tensor
 from .errors import InputError
 from .mdp import MDP
 
-__all__ = ["Batch", "default_chunk_size", "resolve_device", "sample", "sample_chunks"]
+__all__ = ["Batch", "ChunkSampler", "default_chunk_size", "resolve_device", "sample", "sample_chunks"]
 
 CHUNK_BYTES = 48 * 2**20  # one chunk's buffers: small enough to stay in the allocator's cache
 
@@ -171,18 +171,41 @@ def _sample_chunk(tab: _Tables, horizon: int, n: int, gen: torch.Generator,
     )
 
 
+class ChunkSampler:
+    """n trajectories under policy table pi as numbered chunks; chunk c is drawn from its own
+    generator, seeded by (seed, c), so any chunk can be drawn alone, by any thread, in any order,
+    and the trajectories depend only on (seed, chunk_size)."""
+
+    def __init__(self, mdp: MDP, pi: Tensor, horizon: int, n: int, seed: int = 0,
+                 device: str | torch.device = "auto", chunk_size: int | None = None):
+        _check(mdp, pi, horizon, n)
+        self.device = resolve_device(device)
+        self.tables = _Tables(mdp, pi.detach(), self.device)
+        self.horizon, self.n, self.seed = int(horizon), int(n), int(seed)
+        self.chunk_size = chunk_size or default_chunk_size(horizon)
+
+    def __len__(self) -> int:
+        return -(-self.n // self.chunk_size)
+
+    def first(self, c: int) -> int:
+        """Index of chunk c's first trajectory."""
+        return c * self.chunk_size
+
+    def chunk(self, c: int) -> Batch:
+        if not 0 <= c < len(self):
+            raise IndexError(f"chunk {c} out of range 0..{len(self) - 1}")
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(int(np.random.SeedSequence([self.seed, c]).generate_state(1)[0]))
+        size = min(self.chunk_size, self.n - self.first(c))
+        return _sample_chunk(self.tables, self.horizon, size, gen, self.device)
+
+
 def sample_chunks(mdp: MDP, pi: Tensor, horizon: int, n: int, seed: int = 0,
                   device: str | torch.device = "auto",
                   chunk_size: int | None = None) -> Iterator[Batch]:
     """Yield Batches of at most ``chunk_size`` trajectories, n in total, under policy table pi."""
-    _check(mdp, pi, horizon, n)
-    dev = resolve_device(device)
-    tab = _Tables(mdp, pi.detach(), dev)
-    size = chunk_size or default_chunk_size(horizon)
-    for c, start in enumerate(range(0, n, size)):
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(int(np.random.SeedSequence([int(seed), c]).generate_state(1)[0]))
-        yield _sample_chunk(tab, int(horizon), min(size, n - start), gen, dev)
+    sampler = ChunkSampler(mdp, pi, horizon, n, seed, device, chunk_size)
+    return (sampler.chunk(c) for c in range(len(sampler)))
 
 
 def sample(mdp: MDP, pi: Tensor, horizon: int, n: int, seed: int = 0,

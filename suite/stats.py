@@ -49,13 +49,9 @@ class ChunkIndex:
     traj_group: Tensor  # [n] group of each trajectory
     dn: Tensor  # [K] trajectories added to each group
     dm: Tensor  # [K] batches added to each group
-    block_src: Tensor  # [Q] a batch of the chunk that feeds a block ...
-    block_dst: Tensor  # [Q] ... and the block it feeds (blocks of every factor, stacked)
-    block_factor: Tensor  # [R] index into factors of each block
-    block_scale: Tensor  # [R] 1 / (k B): from a sum of k batch sums to a mean
 
     @staticmethod
-    def build(first_traj: int, n: int, batch_size: int, n_batches: int, factors: list[int],
+    def build(first_traj: int, n: int, batch_size: int, n_batches: int,
               device: torch.device) -> ChunkIndex:
         K = n_groups(n_batches)
         Mc = n // batch_size
@@ -63,17 +59,10 @@ class ChunkIndex:
         group = (first_traj // batch_size + torch.arange(Mc, device=device)) * K // n_batches
         ones = torch.ones(Mc, dtype=torch.float64, device=device)
         dm = torch.zeros(K, dtype=torch.float64, device=device).index_add_(0, group, ones)
-        src, dst, fac, scale, first_block = [], [], [], [], 0
-        for f, k in enumerate(factors):
-            rows = Mc // k
-            src.append(torch.arange(rows * k, device=device))
-            dst.append(first_block + src[-1] // k)
-            fac.append(torch.full((rows,), f, device=device))
-            scale.append(torch.full((rows,), 1.0 / (k * batch_size), dtype=torch.float64,
-                                    device=device))
-            first_block += rows
-        return ChunkIndex(local, group, group[local], dm * batch_size, dm, torch.cat(src),
-                          torch.cat(dst), torch.cat(fac), torch.cat(scale))
+        return ChunkIndex(local, group, group[local], dm * batch_size, dm)
+
+
+SUMS = ("gsum", "gsq", "gbsq", "gn", "gm", "blocks")  # the fields of Moments that are sums
 
 
 @dataclass
@@ -83,7 +72,7 @@ class Moments:
     n_params: int
     batch_size: int
     n_batches: int  # M over the whole run
-    factors: list[int]
+    factors: list[int]  # each a multiple of the one before (a prefix of BLOCK_FACTORS)
     device: torch.device
     gsum: Tensor = field(init=False)
     gsq: Tensor = field(init=False)
@@ -93,36 +82,60 @@ class Moments:
     blocks: Tensor = field(init=False)  # [F, 6]: count, relsq, relsq^2, cos, cos^2, sign
 
     def __post_init__(self) -> None:
+        if any(k % j for j, k in zip([1, *self.factors], self.factors, strict=False)):
+            raise ValueError(f"block factors must each divide the next, got {self.factors}")
         K = n_groups(self.n_batches)
         z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=self.device)  # noqa: E731
         self.gsum, self.gsq, self.gbsq, self.gn, self.gm = z(K, self.n_params), z(K), z(K), z(K), z(K)
         self.blocks = z(len(self.factors), 6)
 
+    def empty_like(self) -> Moments:
+        return Moments(self.n_params, self.batch_size, self.n_batches, self.factors, self.device)
+
+    def merge(self, other: Moments) -> Moments:
+        """Add the sums of other (disjoint trajectories of the same run) into these."""
+        for name in SUMS:
+            getattr(self, name).add_(getattr(other, name).to(self.device))
+        return self
+
     def add(self, grads: Grads, first_traj: int, g: Tensor, index: ChunkIndex | None = None) -> None:
         """Accumulate the gradients of trajectories first_traj .. first_traj + n - 1.
 
-        Pass the chunk's ChunkIndex to share its index work between estimators."""
+        Pass the chunk's ChunkIndex to share its index work between estimators. Blocks of k
+        batches are formed from the first batch of the call on (a trailing partial block is
+        left out), so calls should start at multiples of the largest block."""
         B = self.batch_size
-        idx = index or ChunkIndex.build(first_traj, grads.n, B, self.n_batches, self.factors,
-                                        self.device)
+        idx = index or ChunkIndex.build(first_traj, grads.n, B, self.n_batches, self.device)
         sums = grads.group_sum(idx.local, grads.n // B)  # [Mc, P]
+        sums_sq = (sums**2).sum(1)
         self.gsum.index_add_(0, idx.group, sums)
         self.gsq.index_add_(0, idx.traj_group, grads.sq_norms())
-        self.gbsq.index_add_(0, idx.group, (sums**2).sum(1) / B**2)
+        self.gbsq.index_add_(0, idx.group, sums_sq / B**2)
         self.gn += idx.dn
         self.gm += idx.dm
-        # every block size at once: a block of factor k averages k consecutive batches
-        est = torch.zeros(len(idx.block_factor), sums.shape[1], dtype=sums.dtype,
-                          device=self.device)
-        est = est.index_add_(0, idx.block_dst, sums[idx.block_src]) * idx.block_scale[:, None]
+        self._add_blocks(sums, sums_sq, g)
+
+    def _add_blocks(self, sums: Tensor, sums_sq: Tensor, g: Tensor) -> None:
+        """relMSE, cosine and sign of the mean of every block of k consecutive batches, for each
+        factor k: the block sums of factor k are sums of r = k / k_prev blocks of the factor
+        before."""
         g_sq = float(g @ g) or math.nan
-        dot = est @ g
-        est_sq = (est**2).sum(1)
-        relsq = (est_sq - 2 * dot + g_sq) / g_sq
-        cos = dot / (est_sq * g_sq).sqrt().clamp(min=1e-300)
-        parts = torch.stack([torch.ones_like(relsq), relsq, relsq**2, cos, cos**2,
-                             (dot > 0).to(torch.float64)], 1)
-        self.blocks.index_add_(0, idx.block_factor, parts)
+        level, level_sq, prev = sums, sums_sq, 1
+        for f, k in enumerate(self.factors):
+            if k != prev:
+                rows = level.shape[0] // (k // prev)
+                level = level[: rows * (k // prev)].reshape(rows, k // prev, level.shape[1]).sum(1)
+                level_sq = (level**2).sum(1)
+                prev = k
+            if level.shape[0] == 0:
+                break
+            scale = 1.0 / (k * self.batch_size)  # from a block sum to the block's mean
+            dot = (level @ g) * scale
+            est_sq = level_sq * scale**2
+            relsq = (est_sq - 2 * dot + g_sq) / g_sq
+            cos = dot / (est_sq * g_sq).sqrt().clamp(min=1e-300)
+            self.blocks[f] += torch.stack([torch.full_like(relsq, 1.0), relsq, relsq**2, cos,
+                                           cos**2, (dot > 0).to(torch.float64)], 1).sum(0)
 
 
 def _totals(m: Moments, w: Tensor | None = None):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import multiprocessing
+import os
 import signal
 import sys
 import time
@@ -283,7 +284,10 @@ def worker(spec_path: str, storage: str, parent: str, uri: str, limit: int | Non
     return failures
 
 
-def _worker_entry(args) -> int:
+def _worker_entry(args, threads: int) -> int:
+    import torch
+
+    torch.set_num_threads(threads)  # the machine's cores shared between the worker processes
     try:
         return worker(*args)
     except KeyboardInterrupt:
@@ -355,7 +359,8 @@ def _run_workers(spec, storage, parent, uri, workers, queued, progress, study) -
     start = _finished(study)
     args = (str(spec.path), storage, parent, uri)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_worker_entry, args) for _ in range(workers)]
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        futures = [pool.submit(_worker_entry, args, threads) for _ in range(workers)]
         with tqdm(total=queued, unit="trial", desc=spec.name, disable=not progress or None,
                   file=sys.stderr) as bar:
             while wait(futures, timeout=1.0)[1]:

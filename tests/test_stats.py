@@ -107,3 +107,23 @@ def test_results_do_not_depend_on_the_other_estimators_chosen():
                     device="cpu").stats["pgt_state_sampling"]
     for key in ("variance", "rel_bias_plugin", "p_value", "variance_ratio"):
         assert alone[key] == among[key], key
+
+
+def test_results_do_not_depend_on_the_thread_count(monkeypatch):
+    """Chunks are reduced by any thread in any order; their sums are added in chunk order."""
+    import suite.measure as measure_module
+
+    monkeypatch.setattr(measure_module, "default_chunk_size", lambda horizon: 500)
+    monkeypatch.setattr(measure_module, "STEPS_PER_PIECE", 1000)
+    mdp = tiny_mdp(seed=4, S=3)
+    policy = random_policy(3, 2, seed=0)
+    sol = solve(mdp, policy, 0.9, 5)
+    chosen = estimators.resolve("all")
+    runs = [measure(mdp, policy, sol, chosen, 4000, 10, seed=5, device="cpu", threads=k)
+            for k in (1, 2, 4)]
+    chunk, _ = measure_module._chunk_sizes(4000, 5, 160)
+    assert 4000 // chunk >= 4, "the test needs several chunks"
+    for other in runs[1:]:
+        assert other.stats == runs[0].stats
+        for name in runs[0].means:
+            np.testing.assert_array_equal(other.means[name], runs[0].means[name])
