@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import time
 import zlib
@@ -88,17 +89,21 @@ def measure(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, n: int, ba
     n_threads = max(1, min(threads or _default_threads(dev), len(sampler)))
     with _intra_op_threads(1 if n_threads > 1 else torch.get_num_threads()), \
             ThreadPoolExecutor(n_threads, thread_name_prefix="measure") as pool:
-        futures = [pool.submit(run.chunk, c) for c in range(len(sampler))]
+        # a window of 2 chunks per thread in flight: a chunk's sums are dropped once merged
+        pending = collections.deque(pool.submit(run.chunk, c)
+                                    for c in range(min(2 * n_threads, len(sampler))))
         try:
-            for c, future in enumerate(futures):  # in chunk order: the same sums for any thread count
-                partial, chunk_steps = future.result()
+            for c in range(len(sampler)):  # in chunk order: the same sums for any thread count
+                partial, chunk_steps = pending.popleft().result()
+                if c + len(pending) + 1 < len(sampler):
+                    pending.append(pool.submit(run.chunk, c + len(pending) + 1))
                 for name, m in partial.items():
                     totals[name].merge(m)
                 steps += chunk_steps
                 if progress:
                     progress(min(chunk, n - sampler.first(c)))
         finally:
-            for future in futures:
+            for future in pending:
                 future.cancel()
     g = run.exact.grad
     stats = summarize({k: _to_cpu(m) for k, m in totals.items()}, g.cpu(), seed=seed)

@@ -113,29 +113,29 @@ class Moments:
         self.gbsq.index_add_(0, idx.group, sums_sq / B**2)
         self.gn += idx.dn
         self.gm += idx.dm
-        self._add_blocks(sums, sums_sq, g)
+        self._add_blocks(sums, g)
 
-    def _add_blocks(self, sums: Tensor, sums_sq: Tensor, g: Tensor) -> None:
+    def _add_blocks(self, sums: Tensor, g: Tensor) -> None:
         """relMSE, cosine and sign of the mean of every block of k consecutive batches, for each
         factor k: the block sums of factor k are sums of r = k / k_prev blocks of the factor
         before."""
-        g_sq = float(g @ g) or math.nan
-        level, level_sq, prev = sums, sums_sq, 1
+        levels, factor_of, level, prev = [], [], sums, 1
         for f, k in enumerate(self.factors):
             if k != prev:
                 rows = level.shape[0] // (k // prev)
                 level = level[: rows * (k // prev)].reshape(rows, k // prev, level.shape[1]).sum(1)
-                level_sq = (level**2).sum(1)
                 prev = k
-            if level.shape[0] == 0:
-                break
-            scale = 1.0 / (k * self.batch_size)  # from a block sum to the block's mean
-            dot = (level @ g) * scale
-            est_sq = level_sq * scale**2
-            relsq = (est_sq - 2 * dot + g_sq) / g_sq
-            cos = dot / (est_sq * g_sq).sqrt().clamp(min=1e-300)
-            self.blocks[f] += torch.stack([torch.full_like(relsq, 1.0), relsq, relsq**2, cos,
-                                           cos**2, (dot > 0).to(torch.float64)], 1).sum(0)
+            levels.append(level / (k * self.batch_size))  # block means
+            factor_of.append(torch.full((level.shape[0],), f, device=sums.device))
+        est = torch.cat(levels)  # [R, P]: every block of every factor
+        g_sq = float(g @ g) or math.nan
+        dot = est @ g
+        est_sq = est.square() @ torch.ones_like(g)
+        relsq = (est_sq - 2 * dot + g_sq) / g_sq
+        cos = dot / (est_sq * g_sq).sqrt().clamp(min=1e-300)
+        parts = torch.stack([torch.ones_like(relsq), relsq, relsq**2, cos, cos**2,
+                             (dot > 0).to(torch.float64)], 1)
+        self.blocks.index_add_(0, torch.cat(factor_of), parts)
 
 
 def _totals(m: Moments, w: Tensor | None = None):
