@@ -82,9 +82,9 @@ def measure(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, n: int, ba
     factors = block_factors(M, batch_size)
     chunk, piece = _chunk_sizes(n, sol.horizon, max(factors) * batch_size)
     sampler = ChunkSampler(mdp, sol.pi, sol.horizon, n, seed, dev, chunk)
-    run = _Run(sampler, Contraction(policy, dev), sol.to(dev), list(estimators), batch_size, piece,
-               lambda: Moments(policy.n_params, batch_size, M, factors, dev))
-    totals = {e.name: run.empty() for e in estimators}
+    run = _Run(sampler, Contraction(policy, dev), sol.to(dev), list(estimators), piece,
+               Moments(policy.n_params, batch_size, M, factors, dev))
+    totals = {e.name: run.template.empty_like() for e in estimators}
     steps = 0
     n_threads = max(1, min(threads or _default_threads(dev), len(sampler)))
     with _intra_op_threads(1 if n_threads > 1 else torch.get_num_threads()), \
@@ -122,9 +122,8 @@ class _Run:
     contraction: Contraction  # not indexed: for_batch gives each piece its own copy
     exact: ExactSolution  # on the device
     estimators: list
-    batch_size: int
     piece: int  # trajectories handled by the estimators at once
-    empty: Callable[[], Moments]
+    template: Moments  # empty sums of the right shape (batch size, batches, block factors)
 
     def chunk(self, c: int) -> tuple[dict[str, Moments], int]:
         """Sums of chunk c for every estimator, and its number of steps."""
@@ -132,18 +131,16 @@ class _Run:
 
         batch_all = self.sampler.chunk(c)
         first, steps = self.sampler.first(c), 0
-        partial = {e.name: self.empty() for e in self.estimators}
-        any_m = next(iter(partial.values()))
+        partial = {e.name: self.template.empty_like() for e in self.estimators}
+        B = self.template.batch_size
         # each estimator's own randomness: a generator per (seed, chunk, estimator name), so its
         # draws do not depend on which other estimators run, nor on their order
         gens = {e.name: _generator(self.sampler.device, self.sampler.seed, c, e.name)
                 for e in self.estimators}
         for start in range(0, batch_all.n, self.piece):
             batch = batch_all.rows(start, start + self.piece)
-            ctx = Context(batch, self.exact.gamma, self.exact, self.contraction.for_batch(batch),
-                          self.batch_size)
-            index = ChunkIndex.build(first, batch.n, self.batch_size, any_m.n_batches,
-                                     self.sampler.device)
+            ctx = Context(batch, self.exact.gamma, self.exact, self.contraction.for_batch(batch), B)
+            index = ChunkIndex.build(first, batch.n, B, self.template.n_batches, self.sampler.device)
             for est in self.estimators:
                 grads = est.gradients(ctx, generator=gens[est.name])
                 partial[est.name].add(grads, first, self.exact.grad, index)
