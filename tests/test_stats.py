@@ -43,6 +43,15 @@ def test_summary_matches_direct_formulas():
     at_b = row["at_batch_size"][B]
     rel_mse = (((batch_means - g) ** 2).sum(1) / (g @ g)).mean()
     assert at_b["rel_mse"] == pytest.approx(float(rel_mse), rel=1e-10)
+    # blocks of 4 batches (16 trajectories): each 400-trajectory chunk holds 25 whole blocks
+    block_means = X.reshape(-1, 4 * B, P).mean(1)
+    at_4b = row["at_batch_size"][4 * B]
+    assert at_4b["n_blocks"] == N // (4 * B)
+    assert at_4b["rel_mse"] == pytest.approx(float((((block_means - g) ** 2).sum(1) / (g @ g)).mean()),
+                                             rel=1e-10)
+    cos = (block_means @ g) / (block_means.norm(dim=1) * g.norm())
+    assert at_4b["cosine"] == pytest.approx(float(cos.mean()), rel=1e-10)
+    assert at_4b["sign_agreement"] == pytest.approx(float((block_means @ g > 0).double().mean()))
 
 
 def test_zero_variance_coordinates_do_not_break_the_test():
@@ -119,8 +128,10 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch):
     policy = random_policy(3, 2, seed=0)
     sol = solve(mdp, policy, 0.9, 5)
     chosen = estimators.resolve("all")
+    before = torch.get_num_threads()
     runs = [measure(mdp, policy, sol, chosen, 4000, 10, seed=5, device="cpu", threads=k)
             for k in (1, 2, 4)]
+    assert torch.get_num_threads() == before  # torch's own thread count is restored
     chunk, _ = measure_module._chunk_sizes(4000, 5, 160)
     assert 4000 // chunk >= 4, "the test needs several chunks"
     for other in runs[1:]:
