@@ -41,9 +41,13 @@ class _Rows:
     A: int
     _group_rows: dict = field(default_factory=dict, compare=False, repr=False)
 
-    @property
-    def ones(self) -> Tensor:  # [A]: row sums as a matrix-vector product
-        return torch.ones(self.A, dtype=torch.float64, device=self.row_traj.device)
+    def row_sums(self, values: Tensor) -> Tensor:
+        """[V] sums of the rows of values [V, A] (a matrix-vector product: faster than sum(1))."""
+        return values @ torch.ones(self.A, dtype=values.dtype, device=values.device)
+
+    def minus_pi_times_row_sums(self, values: Tensor, pi_rows: Tensor) -> Tensor:
+        """values - pi(.|s) * (row sum), fused: the softmax score's projection of each row."""
+        return torch.addcmul(values, pi_rows, self.row_sums(values)[:, None], value=-1.0)
 
     def group_entries(self, group: Tensor) -> Tensor:
         """[V*A] entry (group[row_traj], row_state, a) of each value in a flattened [G, S, A]
@@ -93,7 +97,7 @@ class RowGrads(Grads):
 
     def sq_norms(self) -> Tensor:
         out = torch.zeros(self.rows.n, dtype=self.values.dtype, device=self.values.device)
-        return out.index_add_(0, self.rows.row_traj, self.values.square() @ self.rows.ones)
+        return out.index_add_(0, self.rows.row_traj, self.rows.row_sums(self.values.square()))
 
     def group_sum(self, group: Tensor, n_groups: int) -> Tensor:
         S, A = self.rows.S, self.rows.A
@@ -195,7 +199,6 @@ class Contraction:
                               self.A)
             self.slot = step_row * self.A + actions  # [L] entry of each step in the [V, A] table
             self.pi_rows = self.pi[self.rows.row_state]  # [V, A]
-            self.ones_A = torch.ones(self.A, dtype=self.pi.dtype, device=self.pi.device)
         return self
 
     def steps_of(self, x: Tensor) -> Tensor:
@@ -205,15 +208,12 @@ class Contraction:
     def score(self, weights: Tensor) -> Grads:
         """X_i = sum_t w_it grad log pi(a_it|s_it), from weights [N, T] (entries past the end of
         an episode are ignored, whatever they hold)."""
+        w = self.steps_of(weights)
         if self.tabular:
             r = self.rows
-            w = self.steps_of(weights)
             counts = torch.zeros(len(r.row_traj) * self.A, dtype=w.dtype, device=w.device)
             counts = counts.index_add_(0, self.slot, w).reshape(-1, self.A)
-            # counts - pi(.|s) * (row total), fused
-            return RowGrads(torch.addcmul(counts, self.pi_rows, (counts @ self.ones_A)[:, None],
-                                          value=-1.0), r)
-        w = self.steps_of(weights)
+            return RowGrads(r.minus_pi_times_row_sums(counts, self.pi_rows), r)
         cot = torch.zeros(self.batch.n * self.S * self.A, dtype=w.dtype, device=w.device)
         idx = (self.step_traj * self.S + self.step_state) * self.A + self.step_action
         cot = cot.index_add_(0, idx, w).reshape(self.batch.n, -1)
@@ -226,8 +226,7 @@ class Contraction:
             r = self.rows
             acc = torch.zeros(len(r.row_traj), self.A, dtype=c.dtype, device=c.device)
             weighted = self.pi_rows * acc.index_add_(0, r.step_row, c)
-            return RowGrads(torch.addcmul(weighted, self.pi_rows, (weighted @ self.ones_A)[:, None],
-                                          value=-1.0), r)
+            return RowGrads(r.minus_pi_times_row_sums(weighted, self.pi_rows), r)
         cot = torch.zeros(self.batch.n * self.S, self.A, dtype=c.dtype, device=c.device)
         cot = cot.index_add_(0, self.step_traj * self.S + self.step_state, c)
         return DenseGrads(cot.reshape(self.batch.n, -1) @ self.J_pi)
