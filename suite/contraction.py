@@ -10,7 +10,7 @@ Two forms of the same object, the per-trajectory gradients X [N, P]:
   cotangent on the log-pi (or pi) table and J [S*A, P] its Jacobian (torch.func.jacrev), exact
   because the policy sees the state only through its index.
 
-``Contraction.for_batch(batch)`` builds the shared index once per chunk; every estimator then
+``Contraction.for_batch(batch)`` returns a copy indexed for one batch (piece); every estimator then
 costs a scatter and a few passes over its values.
 """
 
@@ -39,7 +39,7 @@ class _Rows:
     n: int  # N trajectories
     S: int
     A: int
-    _group_rows: dict = field(default_factory=dict, compare=False, repr=False)
+    _group_entries: dict = field(default_factory=dict, compare=False, repr=False)
 
     def row_sums(self, values: Tensor) -> Tensor:
         """[V] sums of the rows of values [V, A] (a matrix-vector product: faster than sum(1))."""
@@ -52,12 +52,12 @@ class _Rows:
     def group_entries(self, group: Tensor) -> Tensor:
         """[V*A] entry (group[row_traj], row_state, a) of each value in a flattened [G, S, A]
         table; cached per grouping (the statistics reuse one)."""
-        hit = self._group_rows.get(id(group))
+        hit = self._group_entries.get(id(group))
         if hit is None or hit[0] is not group:
             rows = group[self.row_traj] * self.S + self.row_state
             a = torch.arange(self.A, device=rows.device)
             hit = (group, (rows[:, None] * self.A + a).reshape(-1))
-            self._group_rows[id(group)] = hit
+            self._group_entries[id(group)] = hit
         return hit[1]
 
 
