@@ -9,9 +9,9 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from suite.contraction import Contraction, Grads
-from suite.exact import ExactSolution
-from suite.sampler import Batch
+from suite.core.contraction import Contraction, Grads
+from suite.core.exact import ExactSolution
+from suite.core.sampler import Batch
 
 __all__ = ["Context"]
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from suite.errors import InputError
+from suite.core.errors import InputError
 
 from .context import Context
-from .registry import Estimator, register
+from .registry import Estimator, register, register_family
 
 
 @register("q_oracle", formula="sum_t gamma^t psi_t Q_t(s_t, a_t)", unbiased=True,
@@ -116,3 +116,6 @@ def gae_entry(spec: str, **kw) -> Estimator:
     return Estimator(spec, lambda ctx: gae(ctx, **params), "weights",
                      f"GAE lambda={lam:g}, critic={critic}", "Schulman et al. 2016",
                      lambda gamma, _u=unbiased: _u, condition, False, params)
+
+
+register_family("gae", gae_entry)

@@ -8,7 +8,7 @@ returns one of three kinds of result:
 * ``single_step``: (q [N, T], c [N, T]); one step t* ~ q_i (rows may sum to < 1: the rest is
   "no step", estimate 0) and g_i = c_it* grad log pi(a_it*|s_it*). The exact expectation over t*
   is the weighting q * c, which the enumeration tests use.
-* ``grads``: the per-trajectory gradients directly (a ``suite.contraction.Grads``)
+* ``grads``: the per-trajectory gradients directly (a ``suite.core.contraction.Grads``)
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from suite.contraction import Grads
-from suite.errors import InputError, unknown_name
-from suite.specs import parse_spec
+from suite.core.contraction import Grads
+from suite.core.errors import InputError, unknown_name
+from suite.core.specs import parse_spec
 
 from .context import Context
 
-__all__ = ["REGISTRY", "Estimator", "get", "names", "register", "resolve"]
+__all__ = ["FAMILIES", "REGISTRY", "Estimator", "get", "names", "register", "register_family",
+           "resolve"]
 
 KINDS = ("weights", "single_step", "grads")
 
@@ -79,6 +80,8 @@ def _draw_single_step(q: torch.Tensor, c: torch.Tensor, gen: torch.Generator) ->
 
 
 REGISTRY: dict[str, Estimator] = {}
+# parametrised families: "gae:lambda=0.7,critic=perturbed" -> FAMILIES["gae"](spec, **options)
+FAMILIES: dict[str, Callable[..., Estimator]] = {}
 
 
 def register(name: str, *, formula: str, reference: str, unbiased: bool | Callable[[float], bool],
@@ -102,21 +105,26 @@ def register(name: str, *, formula: str, reference: str, unbiased: bool | Callab
     return deco
 
 
+def register_family(base: str, factory: Callable[..., Estimator]) -> None:
+    """Let ``get("BASE:key=value,...")`` build an unregistered variant with ``factory``."""
+    if base in FAMILIES:
+        raise ValueError(f"estimator family {base!r} is registered twice")
+    FAMILIES[base] = factory
+
+
 def names() -> list[str]:
     return list(REGISTRY)
 
 
 def get(name: str) -> Estimator:
-    """The registered estimator, or a parametrised GAE from a spec
+    """The registered estimator, or a variant of a registered family from a spec such as
     ``gae:lambda=0.7,critic=perturbed,sigma=0.5`` (critic: exact | perturbed | timeless)."""
     if name in REGISTRY:
         return REGISTRY[name]
     base, kwargs = parse_spec(name)
-    if base == "gae" and kwargs:
-        from .critics import gae_entry
-
-        return gae_entry(name, **kwargs)
-    raise unknown_name("estimator", name, REGISTRY)
+    if base in FAMILIES and kwargs:
+        return FAMILIES[base](name, **kwargs)
+    raise unknown_name("estimator", name, [*REGISTRY, *(f"{f}:..." for f in FAMILIES)])
 
 
 def resolve(spec: str | list[str]) -> list[Estimator]:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from .build import build_report
+
 __all__ = ["add_report_parser", "cmd_report"]
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Build the report from the study's MLflow runs and print where it went."""
-    from . import build_report
-
     for path in build_report(args.study, out=args.out):
         print(f"wrote {path}")
     return 0

@@ -12,7 +12,8 @@ from xml.sax.saxutils import escape
 
 import pandas as pd
 
-from suite import stats as S
+import estimators
+from suite.core import stats as S
 
 from .load import StudyData, summarize
 
@@ -141,8 +142,6 @@ CONDITION_HEAD = ["estimator", "claim", "rel. bias [95% CI]", "p-value", "test",
 
 def estimator_rows(data: StudyData) -> list[dict]:
     """Formula, claim in words and reference of each estimator of the study (the registry)."""
-    import estimators
-
     rows = []
     for name in data.estimator_names:
         try:

@@ -23,6 +23,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.colors import LogNorm, Normalize  # noqa: E402
 
+import estimators  # noqa: E402
+
 from .load import StudyData  # noqa: E402
 
 __all__ = ["Figure", "make_figures"]
@@ -372,8 +374,6 @@ def _place_labels(ax, xy, texts: list[str], all_points) -> None:
 
 def _gae_points(data: StudyData) -> pd.DataFrame:
     """GAE variants with their lambda and critic family (from the estimator registry)."""
-    import estimators
-
     rows = []
     for name in data.estimator_names:
         try:

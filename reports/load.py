@@ -1,6 +1,6 @@
 """MLflow runs of one study -> tidy pandas DataFrames. Nothing here looks at in-memory state.
 
-A study is one MLflow experiment (see ``suite.study``): invocation runs, condition runs under them
+A study is one MLflow experiment (see ``suite.harness.study``): invocation runs, condition runs under them
 and estimator runs under those. Only FINISHED condition runs count; when the same condition was
 run more than once, the latest FINISHED run wins, and only its estimator runs are kept.
 """
@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from suite.errors import InputError
-from suite.study_spec import CONDITION_KEYS, load_study
-from suite.tracking import tracking_uri
+import estimators
+from suite.core.errors import InputError
+from suite.harness.study_spec import CONDITION_KEYS, load_study
+from suite.harness.tracking import tracking_uri
 
 __all__ = ["METRICS", "StudyData", "estimator_order", "load_runs", "study_name", "summarize",
            "training_fraction"]
@@ -95,8 +96,6 @@ def _natural(name: str) -> tuple:
 
 def estimator_order(names) -> list[str]:
     """Registry order first (reinforce leads), then other names (GAE specs) in natural order."""
-    import estimators
-
     index = {n: i for i, n in enumerate(estimators.names())}
     return sorted(set(names), key=lambda n: (index.get(n, len(index)), _natural(n)))
 

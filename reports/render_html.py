@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import jinja2
 from markupsafe import Markup
 
+from .assemble import Report
 from .derivation import markup
-
-if TYPE_CHECKING:
-    from . import Report
 
 __all__ = ["render_html"]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING
 from xml.sax.saxutils import escape
 
 from reportlab.lib import colors
@@ -26,10 +25,8 @@ from reportlab.platypus import (
     TableStyle,
 )
 
+from .assemble import Report
 from .derivation import markup
-
-if TYPE_CHECKING:
-    from . import Report
 
 __all__ = ["render_pdf"]
 

@@ -15,10 +15,13 @@ from pathlib import Path
 
 import torch
 
-from .envs import make_mdp
-from .exact import solve
-from .policies import make_policy
-from .sampler import resolve_device, sample_chunks
+import estimators
+
+from .core.envs import make_mdp
+from .core.exact import solve
+from .core.sampler import resolve_device, sample_chunks
+from .harness.measure import measure
+from .harness.problem import make_policy
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 ENV, GAMMA, H = "FrozenLake8x8-v1", 0.99, 100
@@ -112,10 +115,6 @@ def bench_sampler(device: torch.device, quick: bool) -> str:
 
 def bench_measure(device: torch.device, quick: bool) -> str:
     """`measure` end to end, every estimator, mid-training policy, against the loop."""
-    import estimators
-
-    from .measure import measure
-
     mdp = make_mdp(ENV)
     spec = "trained:fraction=0.5"
     policy = make_policy(spec, mdp, GAMMA, H)
@@ -150,7 +149,7 @@ def bench_taxi_memory(device: torch.device, quick: bool) -> str:
     code = (
         "import json, resource, time, estimators\n"
         "from suite import make_mdp, make_policy, solve\n"
-        "from suite.measure import measure\n"
+        "from suite.harness.measure import measure\n"
         "mdp = make_mdp('Taxi-v4'); pol = make_policy('trained:fraction=0.5', mdp, 0.99, 100)\n"
         "sol = solve(mdp, pol, 0.99, 100)\n"
         f"r = measure(mdp, pol, sol, estimators.resolve('all'), {n}, 10, device='{device}')\n"

@@ -9,8 +9,18 @@ import argparse
 import sys
 
 import numpy as np
+from tqdm import tqdm
 
-from .errors import InputError
+import estimators
+from reports.cli import add_report_parser
+
+from .core.envs import available_envs
+from .core.errors import InputError
+from .core.io import json_bytes, npy_bytes, npz_bytes, write_files
+from .core.sampler import resolve_device
+from .harness.measure import check_sizes, measure
+from .harness.problem import make_problem
+from .harness.study import run_study
 
 __all__ = ["main"]
 
@@ -33,14 +43,8 @@ def _add_problem_args(p: argparse.ArgumentParser) -> None:
 
 
 def _problem(args):
-    from .envs import make_mdp
-    from .exact import check_gamma_horizon, solve
-    from .policies import make_policy
-
-    check_gamma_horizon(args.gamma, args.horizon)
-    mdp = make_mdp(args.env)
-    policy = make_policy(args.policy, mdp, args.gamma, args.horizon)
-    return mdp, policy, solve(mdp, policy, args.gamma, args.horizon)
+    problem = make_problem(args.env, args.policy, args.gamma, args.horizon)
+    return problem.mdp, problem.policy, problem.solution
 
 
 def exact_record(mdp, policy, sol) -> dict:
@@ -53,8 +57,6 @@ def exact_record(mdp, policy, sol) -> dict:
 
 def exact_files(mdp, policy, sol) -> dict[str, bytes]:
     """exact.json and exact_grad.npy ([S, A] for a tabular policy, [P] otherwise)."""
-    from .io import json_bytes, npy_bytes
-
     grad = sol.grad.numpy()
     if policy.tabular:
         grad = grad.reshape(mdp.n_states, mdp.n_actions)
@@ -63,8 +65,6 @@ def exact_files(mdp, policy, sol) -> dict[str, bytes]:
 
 
 def cmd_exact(args) -> int:
-    from .io import write_files
-
     mdp, policy, sol = _problem(args)
     print(f"environment  {mdp.name} ({mdp.n_states} states, {mdp.n_actions} actions)")
     print(f"policy       {policy.name} ({policy.kind}, {policy.n_params} parameters)")
@@ -105,18 +105,11 @@ def stats_table(stats: dict[str, dict], batch_size: int) -> str:
 
 
 def cmd_measure(args) -> int:
-    import estimators
-
-    from .io import json_bytes, npz_bytes, write_files
-    from .measure import check_sizes, measure
-    from .sampler import resolve_device
 
     chosen = estimators.resolve(args.estimators)
     check_sizes(args.trajectories, args.batch_size, chosen)
     device = resolve_device(args.device)
     mdp, policy, sol = _problem(args)
-    from tqdm import tqdm
-
     with tqdm(total=args.trajectories, unit="traj", unit_scale=True, disable=None,
               desc="measure", file=sys.stderr) as bar:
         result = measure(mdp, policy, sol, chosen, args.trajectories, args.batch_size,
@@ -146,8 +139,6 @@ def cmd_measure(args) -> int:
 
 
 def cmd_estimators(args) -> int:
-    import estimators
-
     for name in estimators.names():
         est = estimators.get(name)
         print(f"{name}\n    formula:   {est.formula}\n    claim:     {est.condition}\n"
@@ -157,8 +148,6 @@ def cmd_estimators(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from .study import run_study
-
     try:
         outcome = run_study(args.study_file, storage=args.storage, workers=args.workers,
                             trials=args.trials, fail_running=args.fail_running)
@@ -175,8 +164,6 @@ def cmd_study(args) -> int:
 
 
 def cmd_envs(args) -> int:
-    from .envs import available_envs
-
     rows = available_envs()
     width = max(len(spec) for spec, _ in rows)
     print("environments (--env):")
@@ -218,8 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_study)
     p = sub.add_parser("estimators", help="list the registered estimators and their claims")
     p.set_defaults(func=cmd_estimators)
-    from reports.cli import add_report_parser
-
     add_report_parser(sub)
     return parser
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from suite.mdp import MDP
+from suite.core.mdp import MDP
 
 
 def tiny_mdp(seed: int = 0, S: int = 3, A: int = 2, terminating: bool = True) -> MDP:

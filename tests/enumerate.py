@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from suite.mdp import MDP
-from suite.sampler import Batch
+from suite.core.mdp import MDP
+from suite.core.sampler import Batch
 
 
 def all_trajectories(mdp: MDP, pi: torch.Tensor, horizon: int) -> tuple[Batch, torch.Tensor]:

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from suite.cli import main
-from suite.envs import make_mdp
-from suite.exact import solve
-from suite.policies import uniform
+from suite.core.envs import make_mdp
+from suite.core.exact import solve
+from suite.core.policies import uniform
 
 
 def test_exact_prints_and_writes(tmp_path, capsys):

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from suite.contraction import Contraction
-from suite.envs import make_mdp
-from suite.policies import mlp, random_policy
-from suite.sampler import sample
+from suite.core.contraction import Contraction
+from suite.core.envs import make_mdp
+from suite.core.policies import mlp, random_policy
+from suite.core.sampler import sample
 
 
 def _setup(kind):
@@ -56,7 +56,7 @@ def test_pi_contraction_matches_autograd(kind):
 
 def test_grads_operations_agree_between_forms():
     """RowGrads (tabular) and DenseGrads give the same sums, norms and products."""
-    from suite.contraction import DenseGrads
+    from suite.core.contraction import DenseGrads
 
     policy, batch, con = _setup("tabular")
     w = torch.rand(batch.states.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))

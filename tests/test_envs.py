@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from suite.envs import TOY_TEXT_IDS, chain, garnet, load_npz, make_mdp
-from suite.errors import InputError
-from suite.mdp import MDP
+from suite.core.envs import TOY_TEXT_IDS, chain, garnet, load_npz, make_mdp
+from suite.core.errors import InputError
+from suite.core.mdp import MDP
 
 
 @pytest.mark.parametrize("env_id", TOY_TEXT_IDS)

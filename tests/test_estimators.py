@@ -9,10 +9,10 @@ import torch
 
 import estimators
 from estimators import Context
-from suite.contraction import Contraction
-from suite.errors import InputError
-from suite.exact import solve
-from suite.policies import mlp, random_policy
+from suite.core.contraction import Contraction
+from suite.core.errors import InputError
+from suite.core.exact import solve
+from suite.core.policies import mlp, random_policy
 
 from .conftest import tiny_mdp
 from .enumerate import all_pairs, all_trajectories
@@ -122,7 +122,7 @@ def test_single_step_draws_match_their_expectation():
     mdp = tiny_mdp(seed=3)
     policy = random_policy(3, 2, seed=0)
     sol = solve(mdp, policy, 0.9, 5)
-    from suite.sampler import sample
+    from suite.core.sampler import sample
 
     batch = sample(mdp, sol.pi, 5, 4000, seed=0, device="cpu")
     ctx = Context(batch, 0.9, sol, Contraction(policy, torch.device("cpu")).for_batch(batch), 2,

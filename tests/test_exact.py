@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from suite.envs import TOY_TEXT_IDS, garnet, load_npz, make_mdp
-from suite.exact import objective, optimal_return, pgt_gradient, solve
-from suite.policies import mlp, random_policy, tabular, uniform
-from suite.sampler import sample
+from suite.core.envs import TOY_TEXT_IDS, garnet, load_npz, make_mdp
+from suite.core.exact import objective, optimal_return, pgt_gradient, solve
+from suite.core.policies import mlp, random_policy, tabular, uniform
+from suite.core.sampler import sample
 
 from .conftest import tiny_mdp
 from .reference import gym_tables, reference_gradient

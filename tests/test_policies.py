@@ -2,10 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from suite.envs import make_mdp
-from suite.errors import InputError
-from suite.exact import objective, optimal_return
-from suite.policies import make_policy, mlp, uniform
+from suite.core.envs import make_mdp
+from suite.core.errors import InputError
+from suite.core.exact import objective, optimal_return
+from suite.core.policies import mlp, uniform
+from suite.harness.problem import make_policy
 
 
 def test_uniform_random_and_mlp_are_distributions():

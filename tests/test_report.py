@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from reports.derivation import fmt
 from reports.load import load_runs
 from suite.cli import main
-from suite.study import run_study
+from suite.harness.study import run_study
 
 ESTIMATORS = ["reinforce", "reward_to_go", "reward_to_go_missing_discount",
               "final_formula_single_step", "final_formula_rescaled", "pgt_state_sampling",
@@ -121,7 +121,7 @@ def test_a_study_missing_an_axis_still_reports(in_store):
 
 
 def test_a_rerun_condition_counts_once_with_its_latest_finished_run(in_store):
-    from suite.tracking import Tracker
+    from suite.harness.tracking import Tracker
 
     tracker = Tracker("one_horizon")
     latest = tracker.client.search_runs([tracker.experiment_id], "tags.kind = 'invocation'",

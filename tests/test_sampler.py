@@ -6,11 +6,11 @@ import pytest
 import torch
 from scipy.stats import chi2_contingency
 
-from suite.envs import TOY_TEXT_IDS, make_mdp
-from suite.exact import solve
-from suite.mdp import MDP
-from suite.policies import random_policy
-from suite.sampler import alias_tables, sample, sample_chunks
+from suite.core.envs import TOY_TEXT_IDS, make_mdp
+from suite.core.exact import solve
+from suite.core.mdp import MDP
+from suite.core.policies import random_policy
+from suite.core.sampler import alias_tables, sample, sample_chunks
 
 from .conftest import tiny_mdp
 

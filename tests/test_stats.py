@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import estimators
-from suite.contraction import DenseGrads
-from suite.exact import solve
-from suite.measure import measure
-from suite.policies import random_policy
-from suite.stats import Moments, block_factors, summarize, unbiasedness_test
+from suite.core.contraction import DenseGrads
+from suite.core.exact import solve
+from suite.core.policies import random_policy
+from suite.core.stats import Moments, block_factors, summarize, unbiasedness_test
+from suite.harness.measure import measure
 
 from .conftest import tiny_mdp
 
@@ -76,7 +76,7 @@ def test_unbiasedness_test_false_positive_rate_is_nominal():
     mdp = tiny_mdp(seed=4, S=3)
     logits = random_policy(3, 2, seed=0).params.reshape(3, 2)
     logits[1] = torch.tensor([40.0, 0.0], dtype=torch.float64)
-    from suite.policies import tabular
+    from suite.core.policies import tabular
 
     policy = tabular(logits)
     sol = solve(mdp, policy, 0.9, 4)
@@ -120,7 +120,7 @@ def test_results_do_not_depend_on_the_other_estimators_chosen():
 
 def test_results_do_not_depend_on_the_thread_count(monkeypatch):
     """Chunks are reduced by any thread in any order; their sums are added in chunk order."""
-    import suite.measure as measure_module
+    import suite.harness.measure as measure_module
 
     monkeypatch.setattr(measure_module, "default_chunk_size", lambda horizon: 500)
     monkeypatch.setattr(measure_module, "STEPS_PER_PIECE", 1000)

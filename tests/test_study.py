@@ -12,9 +12,9 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from suite.cli import main
-from suite.errors import InputError
-from suite.study import run_study
-from suite.study_spec import load_study
+from suite.core.errors import InputError
+from suite.harness.study import run_study
+from suite.harness.study_spec import load_study
 
 TINY = """
 [study]
@@ -91,9 +91,9 @@ def test_tiny_study_end_to_end_and_resume(stores):
 def test_interrupted_study_resumes_without_losing_or_repeating(stores, monkeypatch):
     tmp, uri, storage = stores
     path = _write(tmp, TINY)
-    import suite.measure as measure_module
+    import suite.harness.study as study_module
 
-    real = measure_module.measure
+    real = study_module.measure
     calls = {"n": 0}
 
     def interrupting(*args, **kwargs):
@@ -102,7 +102,7 @@ def test_interrupted_study_resumes_without_losing_or_repeating(stores, monkeypat
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(measure_module, "measure", interrupting)
+    monkeypatch.setattr(study_module, "measure", interrupting)
     with pytest.raises(KeyboardInterrupt):
         run_study(path, storage=storage, progress=False)
     states = Counter(t.state for t in _trials(storage, "tiny"))
@@ -111,7 +111,7 @@ def test_interrupted_study_resumes_without_losing_or_repeating(stores, monkeypat
     assert statuses[("invocation", "KILLED")] == 1 and statuses[("condition", "KILLED")] == 1
     assert statuses[("condition", "FINISHED")] == 1
 
-    monkeypatch.setattr(measure_module, "measure", real)
+    monkeypatch.setattr(study_module, "measure", real)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     outcome = run_study(path, storage=storage, progress=False)
     complete = [t for t in _trials(storage, "tiny") if t.state == TrialState.COMPLETE]

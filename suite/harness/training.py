@@ -6,10 +6,10 @@ import functools
 
 import torch
 
-from .errors import InputError
-from .exact import objective, optimal_return
-from .mdp import MDP
-from .policies import Policy, uniform
+from ..core.errors import InputError
+from ..core.exact import objective, optimal_return
+from ..core.mdp import MDP
+from ..core.policies import Policy, uniform
 
 __all__ = ["trained_policy"]
 

@@ -13,13 +13,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .contraction import Contraction
-from .errors import InputError
-from .exact import ExactSolution
-from .mdp import MDP
-from .policies import Policy
-from .sampler import ChunkSampler, default_chunk_size, resolve_device
-from .stats import SUMS, ChunkIndex, Moments, block_factors, summarize
+from estimators import Context
+
+from ..core.contraction import Contraction
+from ..core.errors import InputError
+from ..core.exact import ExactSolution
+from ..core.mdp import MDP
+from ..core.policies import Policy
+from ..core.sampler import ChunkSampler, default_chunk_size, resolve_device
+from ..core.stats import SUMS, ChunkIndex, Moments, block_factors, summarize
 
 __all__ = ["MIN_BATCHES", "Measurement", "check_sizes", "measure"]
 
@@ -30,7 +32,7 @@ MIN_BATCHES = 10  # the sign-flip test needs enough independent groups to reach 
 class Measurement:
     """The statistics of every estimator on one rollout."""
 
-    stats: dict[str, dict]  # estimator name -> metrics (suite.stats.summarize)
+    stats: dict[str, dict]  # estimator name -> metrics (suite.core.stats.summarize)
     means: dict[str, np.ndarray]  # estimator name -> mean estimate, [P] float64
     n_steps: int  # transitions sampled
     seconds: float
@@ -127,8 +129,6 @@ class _Run:
 
     def chunk(self, c: int) -> tuple[dict[str, Moments], int]:
         """Sums of chunk c for every estimator, and its number of steps."""
-        from estimators import Context  # local: estimators imports suite
-
         batch_all = self.sampler.chunk(c)
         first, steps = self.sampler.first(c), 0
         partial = {e.name: self.template.empty_like() for e in self.estimators}

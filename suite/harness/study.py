@@ -10,7 +10,6 @@ or interrupted ones are.
 
 from __future__ import annotations
 
-import functools
 import math
 import multiprocessing
 import os
@@ -24,9 +23,14 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from .errors import InputError
-from .study_spec import Objective, Range, StudySpec, load_study
-from .tracking import Tracker, environment_tags, flatten_stats
+import estimators
+
+from ..core.errors import InputError
+from ..core.sampler import resolve_device
+from .measure import check_sizes, measure
+from .problem import make_problem
+from .study_spec import Objective, Range, StudySpec, fill, load_study
+from .tracking import Tracker, environment_tags, flatten_stats, tracking_uri
 
 __all__ = ["StudyOutcome", "aggregate_seeds", "default_storage", "run_study"]
 
@@ -163,8 +167,6 @@ def aggregate_seeds(per_seed: list[dict[str, dict]], alpha: float = 0.05) -> dic
 
 
 def objective_value(obj: Objective, agg: dict[str, dict], params: dict, batch_size: int) -> float:
-    from .study_spec import fill
-
     row = agg[fill(obj.estimator, params)]
     if obj.metric == "variance_ratio" and obj.baseline != "reinforce":
         return row["variance"] / agg[fill(obj.baseline, params)]["variance"]
@@ -173,23 +175,9 @@ def objective_value(obj: Objective, agg: dict[str, dict], params: dict, batch_si
     return float(row[obj.metric])
 
 
-@functools.lru_cache(maxsize=32)
-def _mdp(env: str):
-    from .envs import make_mdp
-
-    return make_mdp(env)
-
-
 def run_trial(spec: StudySpec, trial: optuna.Trial, tracker: Tracker, parent: str,
               open_runs: list[str]) -> list[float]:
     """One condition: exact solution, one rollout per seed, every estimator, MLflow records."""
-    import estimators
-
-    from .exact import solve
-    from .measure import check_sizes, measure
-    from .policies import make_policy
-    from .study_spec import fill
-
     params = _suggest(trial, spec.space)
     cond = spec.condition(params)
     names = spec.estimator_names(params)
@@ -198,9 +186,8 @@ def run_trial(spec: StudySpec, trial: optuna.Trial, tracker: Tracker, parent: st
     extra = [fill(o.baseline, params) for o in spec.objectives]
     chosen += [estimators.get(n) for n in extra if n not in {e.name for e in chosen}]
     check_sizes(cond["trajectories"], cond["batch_size"], chosen)
-    mdp = _mdp(cond["env"])
-    policy = make_policy(cond["policy"], mdp, cond["gamma"], cond["horizon"])
-    sol = solve(mdp, policy, cond["gamma"], cond["horizon"])
+    problem = make_problem(cond["env"], cond["policy"], cond["gamma"], cond["horizon"], cache=True)
+    mdp, policy, sol = problem.mdp, problem.policy, problem.solution
     free = {k: v for k, v in params.items() if k not in cond}
     run = tracker.start(f"trial {trial.number}: {cond['env']} | {cond['policy']} | gamma "
                         f"{cond['gamma']:g} | H {cond['horizon']}", parent,
@@ -298,9 +285,6 @@ def run_study(path: str | Path, storage: str | None = None, workers: int = 1,
               trials: int | None = None, out_dir: str | Path | None = None,
               fail_running: bool = False, progress: bool = True) -> StudyOutcome:
     """Run (or resume) the study in ``path``; see the module doc."""
-    from .sampler import resolve_device
-    from .tracking import tracking_uri
-
     spec = load_study(path)
     if workers < 1:
         raise InputError(f"--workers must be >= 1, got {workers}")

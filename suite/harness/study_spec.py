@@ -18,7 +18,12 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError, did_you_mean
+import estimators as registry
+
+from ..core.envs import make_mdp
+from ..core.errors import InputError, did_you_mean
+from ..core.specs import parse_spec
+from .problem import POLICY_KINDS
 
 __all__ = ["CONDITION_KEYS", "METRICS", "SAMPLERS", "Objective", "Range", "StudySpec", "load_study"]
 
@@ -203,12 +208,6 @@ def load_study(path: str | Path) -> StudySpec:
 
 def _check_names(path: Path, fixed: dict, space: dict, estimators, objectives) -> None:
     """Environments, policy kinds and estimators without templates must exist."""
-    import estimators as registry
-
-    from .envs import make_mdp
-    from .policies import POLICY_KINDS
-    from .specs import parse_spec
-
     def values(key):
         if key in fixed:
             return [(f"fixed.{key}", fixed[key])]

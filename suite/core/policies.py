@@ -8,6 +8,7 @@ downstream may assume that theta is a table of logits.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from torch import Tensor
 from .errors import InputError, unknown_name
 from .specs import parse_spec
 
-__all__ = ["Policy", "make_policy", "mlp", "random_policy", "tabular", "uniform"]
+__all__ = ["POLICY_KINDS", "Policy", "call_with_options", "mlp", "policy_from_spec", "random_policy",
+           "tabular", "uniform"]
 
 
 @dataclass(frozen=True)
@@ -119,37 +121,34 @@ def mlp(S: int, A: int, hidden: int = 16, seed: int = 0, scale: float = 1.0) -> 
     return Policy("mlp", theta, S, A, logits_fn, name=f"mlp:hidden={hidden},seed={seed}")
 
 
-POLICY_KINDS = ("uniform", "random", "trained", "mlp")
+POLICY_KINDS = ("uniform", "random", "mlp")  # built here; "trained" is a harness step
 
 
-def make_policy(spec: str, mdp, gamma: float, horizon: int) -> Policy:
-    """Build the policy named by ``spec`` for ``mdp``.
+def policy_from_spec(spec: str, n_states: int, n_actions: int) -> Policy:
+    """Build the policy named by ``spec`` for S states and A actions.
 
-    ``uniform`` | ``random:temperature=1,seed=0`` | ``trained:fraction=0.5`` |
-    ``mlp:hidden=16,seed=0`` | a path to an ``.npy`` of logits [S, A].
+    ``uniform`` | ``random:temperature=1,seed=0`` | ``mlp:hidden=16,seed=0`` | a path to an
+    ``.npy`` of logits [S, A]. (``trained:fraction=0.5`` runs the exact solver: see
+    ``suite.harness.problem.make_policy``.)
     """
-    S, A = mdp.n_states, mdp.n_actions
+    S, A = n_states, n_actions
     if spec.endswith(".npy") or os.path.sep in spec:
         return from_npy(spec, S, A)
     name, kw = parse_spec(spec)
-    builders = {
-        "uniform": lambda: uniform(S, A),
-        "random": lambda **k: random_policy(S, A, **k),
-        "mlp": lambda **k: mlp(S, A, **k),
-        "trained": lambda **k: _trained(mdp, gamma, horizon, **k),
-    }
+    builders = {"uniform": uniform, "random": random_policy, "mlp": mlp}
     if name not in builders:
         raise unknown_name("policy", name, POLICY_KINDS)
+    return call_with_options(spec, builders[name], S, A, **kw)
+
+
+def call_with_options(spec: str, builder: Callable[..., Policy], *args, **options) -> Policy:
+    """builder(*args, **options); options the builder does not take are one InputError line."""
     try:
-        return builders[name](**kw)
+        inspect.signature(builder).bind(*args, **options)
     except TypeError:
+        valid = list(inspect.signature(builder).parameters)[len(args):]
         raise InputError(
-            f"policy '{spec}': unknown option(s) {sorted(kw)}; see `python -m suite envs` "
-            "for the policy specs and their options"
+            f"policy '{spec}': unknown option(s) {sorted(options)}; valid options: "
+            f"{', '.join(valid) or 'none'}"
         ) from None
-
-
-def _trained(mdp, gamma: float, horizon: int, fraction: float = 0.5, **kw) -> Policy:
-    from .training import trained_policy
-
-    return trained_policy(mdp, gamma, horizon, fraction, **kw)
+    return builder(*args, **options)

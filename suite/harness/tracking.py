@@ -19,7 +19,7 @@ __all__ = ["METRIC_KEYS", "Tracker", "tracking_uri"]
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 
-# MLflow metric key -> key of an estimator's statistics (suite.stats.summarize)
+# MLflow metric key -> key of an estimator's statistics (suite.core.stats.summarize)
 METRIC_KEYS = {
     "bias/rel": "rel_bias",
     "bias/rel_ci_low": ("rel_bias_ci", 0),
