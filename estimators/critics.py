@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from suite.core.errors import InputError
+from suite.core.moments import AllAction, MomentModel, Weighting
 
 from .context import Context
 from .registry import Estimator, register, register_family
@@ -12,7 +13,8 @@ from .registry import Estimator, register, register_family
 
 @register("q_oracle", formula="sum_t gamma^t psi_t Q_t(s_t, a_t)", unbiased=True,
           condition="unbiased: E[G_t | s_t, a_t] = Q_t(s_t, a_t)",
-          reference="Sutton et al. 2000, 'Policy gradient methods ... function approximation'")
+          reference="Sutton et al. 2000, 'Policy gradient methods ... function approximation'",
+          exact=lambda m: Weighting(y=m.action(m.sol.Q), beta=0.0, o=m.gamma))
 def q_oracle(ctx: Context):
     """w_t = gamma^t Q_t(s_t, a_t) with the exact finite-horizon Q."""
     return ctx.discount * ctx.q_at(ctx.exact.Q)
@@ -20,7 +22,9 @@ def q_oracle(ctx: Context):
 
 @register("advantage_oracle", formula="sum_t gamma^t psi_t A_t(s_t, a_t)", unbiased=True,
           condition="unbiased: A_t = Q_t - V_t, a state baseline on q_oracle",
-          reference="Sutton et al. 2000; Schulman et al. 2016 (GAE), sec. 2")
+          reference="Sutton et al. 2000; Schulman et al. 2016 (GAE), sec. 2",
+          exact=lambda m: Weighting(y=m.action(m.sol.Q), beta=0.0, o=m.gamma,
+                                    baseline=m.sol.V[:-1]))
 def advantage_oracle(ctx: Context):
     """w_t = gamma^t (Q_t(s_t, a_t) - V_t(s_t))."""
     adv = ctx.q_at(ctx.exact.Q) - ctx.value_at(ctx.exact.V)
@@ -30,7 +34,8 @@ def advantage_oracle(ctx: Context):
 @register("all_action", kind="grads", unbiased=True,
           formula="sum_t gamma^t sum_a grad pi(a|s_t) Q_t(s_t, a)",
           condition="unbiased: the expectation over a_t taken exactly (expected policy gradient)",
-          reference="Ciosek & Whiteson 2018, 'Expected policy gradients'; Sutton et al. 2000")
+          reference="Ciosek & Whiteson 2018, 'Expected policy gradients'; Sutton et al. 2000",
+          exact=lambda m: AllAction(m.sol.Q))
 def all_action(ctx: Context):
     """Integrates the action out at every visited state with the exact Q_t: not a weighting."""
     S, A = ctx.exact.pi.shape
@@ -38,11 +43,10 @@ def all_action(ctx: Context):
     return ctx.pi_grad(ctx.discount[ctx.step_time, None] * Q)
 
 
-def critic_table(ctx: Context, critic: str, sigma: float, seed: int) -> torch.Tensor:
-    """V used by GAE, shape [H+1, S]: exact V_t; V_t + sigma * max|V| * N(0,1) noise fixed by the
-    seed (sigma is relative to the value scale; V_H stays 0); or the time-independent V_0(s) at
-    every t < H."""
-    V = ctx.exact.V
+def critic_table(V: torch.Tensor, critic: str, sigma: float, seed: int) -> torch.Tensor:
+    """The critic GAE uses, from the exact V [H+1, S]: V itself; V_t + sigma * max|V| * N(0,1)
+    noise fixed by the seed (sigma is relative to the value scale; V_H stays 0); or the
+    time-independent V_0(s) at every t < H. A fixed table, so GAE's exact moments exist."""
     if critic == "exact":
         return V
     if critic == "perturbed":
@@ -66,10 +70,22 @@ def gae(ctx: Context, lam: float, critic: str = "exact", sigma: float = 0.0, see
     """
     key = ("td_errors", critic, sigma, seed)
     if key not in ctx.cache:  # shared by the GAE variants that use the same critic
-        V = critic_table(ctx, critic, sigma, seed)
+        V = critic_table(ctx.exact.V, critic, sigma, seed)
         ctx.cache[key] = (ctx.batch.rewards + ctx.gamma * ctx.next_value(V) - ctx.value_at(V)) \
             * ctx.mask  # delta = 0 after the end, so the sums to go stop there
     return ctx.discount * ctx.discounted_sum_to_go(ctx.cache[key], ctx.gamma * lam)
+
+
+def gae_form(m: MomentModel, lam: float, critic: str = "exact", sigma: float = 0.0,
+             seed: int = 0) -> Weighting:
+    """GAE as a weighting: y = delta = r + gamma V(t+1, s') - V(t, s), beta = gamma lambda; at
+    lambda = 1 the sum telescopes to G_t - V(t, s_t) (V = 0 at the end), the same estimator with
+    a reward that does not change with t."""
+    V = critic_table(m.sol.V, critic, sigma, seed)
+    if lam == 1.0:
+        return Weighting(y=m.reward, beta=m.gamma, o=m.gamma, baseline=V[:-1])
+    delta = m.reward + m.gamma * m.successor(V) - m.state(V[:-1])
+    return Weighting(y=delta, beta=m.gamma * lam, o=m.gamma)
 
 
 def _gae_claim(lam: float, critic: str) -> tuple[bool, str]:
@@ -87,6 +103,7 @@ def _register_gae(name: str, lam: float, critic: str = "exact", sigma: float = 0
     register(name, formula=formula, unbiased=unbiased, condition=condition,
              reference="Schulman et al. 2016, 'High-dimensional continuous control using "
                        "generalized advantage estimation'",
+             exact=lambda m: gae_form(m, lam, critic, sigma),
              lam=lam, critic=critic, sigma=sigma)(gae)
 
 
@@ -115,7 +132,8 @@ def gae_entry(spec: str, **kw) -> Estimator:
     params = {"lam": float(lam), "critic": critic, "sigma": sigma, "seed": int(kw.get("seed", 0))}
     return Estimator(spec, lambda ctx: gae(ctx, **params), "weights",
                      f"GAE lambda={lam:g}, critic={critic}", "Schulman et al. 2016",
-                     lambda gamma, _u=unbiased: _u, condition, False, params)
+                     lambda gamma, _u=unbiased: _u, condition, False, params,
+                     exact=lambda m: gae_form(m, **params))
 
 
 register_family("gae", gae_entry)

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import torch
 
+from suite.core.moments import MomentModel, SingleStep
+
 from .context import Context
 from .registry import register
+
+
+def _steps(m: MomentModel, q_time, q_len, c_time, c_len) -> SingleStep:
+    """A single-step form on G_t (y = r, beta = gamma); *_len are functions of the length T."""
+    L = torch.arange(m.H + 1, dtype=torch.float64).clamp(min=1)  # T >= 1 for every episode
+    return SingleStep(m.reward, m.gamma, q_time, q_len(L), c_time, c_len(L))
 
 
 def _uniform_step(ctx: Context) -> torch.Tensor:
@@ -18,7 +26,9 @@ def _uniform_step(ctx: Context) -> torch.Tensor:
           condition="biased: the sum over time steps is dropped (derivation step D6 taken "
                     "literally); without early termination E = (1/H) x the missing-discount "
                     "expectation",
-          reference="the 'final formula' grad J = E[R_t psi_t] as often written")
+          reference="the 'final formula' grad J = E[R_t psi_t] as often written",
+          exact=lambda m: _steps(m, m.discount(1.0), lambda L: 1 / L, m.discount(1.0),
+                                 lambda L: L**0))
 def final_formula_single_step(ctx: Context):
     """One uniformly drawn step of the trajectory, undiscounted reward-to-go, no rescaling."""
     return _uniform_step(ctx), ctx.reward_to_go
@@ -27,7 +37,9 @@ def final_formula_single_step(ctx: Context):
 @register("final_formula_rescaled", kind="single_step", unbiased=True,
           formula="T gamma^t* psi_t* G_t*, t* uniform on 0..T-1",
           condition="unbiased: importance weight T = 1/P(t*) restores the sum over t",
-          reference="this suite (repair of step D6); see Nota & Thomas 2020")
+          reference="this suite (repair of step D6); see Nota & Thomas 2020",
+          exact=lambda m: _steps(m, m.discount(1.0), lambda L: 1 / L, m.discount(m.gamma),
+                                 lambda L: L))
 def final_formula_rescaled(ctx: Context):
     """One uniformly drawn step, weighted by T_i gamma^t* so its mean is reward_to_go's."""
     T = ctx.batch.lengths[:, None].to(torch.float64)
@@ -39,7 +51,9 @@ def final_formula_rescaled(ctx: Context):
           condition="unbiased: s_t* is a draw from the normalised discounted state distribution "
                     "of the theorem's E_{s~d_pi, a~pi}[Q psi] form, and Z restores its scale",
           reference="Sutton et al. 2000 (the theorem's state-distribution form); Thomas 2014, "
-                    "'Bias in natural actor-critic algorithms'")
+                    "'Bias in natural actor-critic algorithms'",
+          exact=lambda m: _steps(m, m.discount(m.gamma) / m.discount(m.gamma).sum(),
+                                 lambda L: L**0, m.discount(m.gamma).sum().expand(m.H), lambda L: L**0))
 def pgt_state_sampling(ctx: Context):
     """t* drawn from the discounted distribution over 0..H-1 (steps past the end give 0)."""
     H = ctx.batch.horizon

@@ -9,6 +9,11 @@ returns one of three kinds of result:
   "no step", estimate 0) and g_i = c_it* grad log pi(a_it*|s_it*). The exact expectation over t*
   is the weighting q * c, which the enumeration tests use.
 * ``grads``: the per-trajectory gradients directly (a ``suite.core.contraction.Grads``)
+
+Next to its claim, an entry declares how its exact moments are obtained (``exact=``): a function
+of a ``suite.core.moments.MomentModel`` returning a form the exact engine knows (``Weighting`` with
+its y, beta, o and baseline; ``Reinforce``; ``AllAction``; ``SingleStep``; ``BatchBaseline``), or
+``no_exact="reason"`` when it has none (its statistics are then sampled only).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 
 from suite.core.contraction import Grads
 from suite.core.errors import InputError, unknown_name
+from suite.core.moments import Form, MomentModel, NoExact
 from suite.core.specs import parse_spec
 
 from .context import Context
@@ -43,6 +49,14 @@ class Estimator:
     condition: str  # the claim in words
     needs_batch: bool = False  # uses the other trajectories of its batch (needs B >= 2)
     params: dict = field(default_factory=dict)
+    exact: Callable[[MomentModel], Form] | None = None  # how its exact moments are obtained
+    no_exact: str = ""  # why it has none (when exact is None)
+
+    def exact_form(self, model: MomentModel) -> Form:
+        """The form of this estimator for the exact engine, or NoExact with the reason."""
+        if self.exact is None:
+            return NoExact(self.no_exact or "no exact moments declared")
+        return self.exact(model)
 
     def claims_unbiased(self, gamma: float) -> bool:
         return bool(self.unbiased_if(gamma))
@@ -85,13 +99,18 @@ FAMILIES: dict[str, Callable[..., Estimator]] = {}
 
 
 def register(name: str, *, formula: str, reference: str, unbiased: bool | Callable[[float], bool],
-             condition: str, kind: str = "weights", needs_batch: bool = False, **params):
-    """Decorator: ``@register("reinforce", formula=..., reference=..., unbiased=True, ...)``.
+             condition: str, kind: str = "weights", needs_batch: bool = False,
+             exact: Callable[[MomentModel], Form] | None = None, no_exact: str = "", **params):
+    """Decorator: ``@register("reinforce", formula=..., reference=..., unbiased=True,
+    exact=lambda m: Reinforce())``.
 
-    Extra keyword arguments are bound to the function (one function, several entries).
+    Extra keyword arguments are bound to the function (one function, several entries). Give
+    ``exact`` (a MomentModel -> form function) or ``no_exact`` (the reason there is none).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if (exact is None) == (not no_exact):
+        raise ValueError(f"estimator {name!r}: give exactly one of exact= and no_exact=")
     predicate = unbiased if callable(unbiased) else (lambda gamma, _u=bool(unbiased): _u)
 
     def deco(fn):
@@ -99,7 +118,7 @@ def register(name: str, *, formula: str, reference: str, unbiased: bool | Callab
             raise ValueError(f"estimator {name!r} is registered twice")
         bound = (lambda ctx, _fn=fn, _p=params: _fn(ctx, **_p)) if params else fn
         REGISTRY[name] = Estimator(name, bound, kind, formula, reference, predicate, condition,
-                                   needs_batch, dict(params))
+                                   needs_batch, dict(params), exact, no_exact)
         return fn
 
     return deco

@@ -46,14 +46,19 @@ def all_trajectories(mdp: MDP, pi: torch.Tensor, horizon: int) -> tuple[Batch, t
 
 def all_pairs(batch: Batch, probs: torch.Tensor) -> tuple[Batch, torch.Tensor]:
     """Every ordered pair (i, j) as a batch of 2 (trajectories 2k, 2k+1), with p_i p_j."""
+    return all_groups(batch, probs, 2)
+
+
+def all_groups(batch: Batch, probs: torch.Tensor, B: int) -> tuple[Batch, torch.Tensor]:
+    """Every ordered B-tuple of trajectories as a batch of B (trajectories Bk .. Bk+B-1), with
+    the product of their probabilities."""
     N = batch.n
-    i = torch.arange(N).repeat_interleave(N)
-    j = torch.arange(N).repeat(N)
-    order = torch.stack([i, j], 1).reshape(-1)
+    members = torch.cartesian_prod(*[torch.arange(N)] * B).reshape(-1, B)  # [N^B, B]
+    order = members.reshape(-1)
 
     def pick(x):
         return x[order]
 
     paired = Batch(pick(batch.states), pick(batch.actions), pick(batch.rewards), pick(batch.mask),
                    pick(batch.lengths), batch.horizon)
-    return paired, probs[i] * probs[j]
+    return paired, probs[members].prod(1)
