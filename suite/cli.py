@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import numpy as np
 from tqdm import tqdm
@@ -18,6 +19,7 @@ from .core.envs import available_envs
 from .core.errors import InputError
 from .core.io import json_bytes, npy_bytes, npz_bytes, write_files
 from .core.sampler import resolve_device
+from .harness.exact_table import exact_rows
 from .harness.measure import check_sizes, measure
 from .harness.problem import make_problem
 from .harness.study import run_study
@@ -82,26 +84,62 @@ def _fmt_ci(value: float, ci: list[float]) -> str:
     return f"{value:.3g} [{ci[0]:.3g}, {ci[1]:.3g}]"
 
 
-def stats_table(stats: dict[str, dict], batch_size: int) -> str:
-    """The readable table `measure` prints."""
-    head = ["estimator", "claim", "rel. bias [95% CI]", "p-value", "variance", "var/reinforce",
-            f"cos@B={batch_size}"]
-    rows = []
-    for name, row in stats.items():
-        at_b = row["at_batch_size"].get(batch_size, {})
-        ratio = row.get("variance_ratio")
-        rows.append([
-            name, "unbiased" if row["claims_unbiased"] else "biased",
-            _fmt_ci(row["rel_bias"], row["rel_bias_ci"]),
-            f"{row['p_value']:.4f}" + (" *" if row["rejects_unbiased"] else ""),
-            f"{row['variance']:.4g}",
-            "-" if ratio is None else _fmt_ci(ratio, row["variance_ratio_ci"]),
-            f"{at_b['cosine']:.3f}" if at_b else "-",
-        ])
+def _table(head: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     lines = ["  ".join(f"{c:<{w}}" for c, w in zip(r, widths, strict=True)) for r in [head, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _num(x, spec: str = ".4g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _rel(x) -> str:
+    """An exact relative bias: 0 when it is float64 round-off."""
+    return "-" if x is None else ("0" if abs(x) < 1e-12 else format(x, ".3g"))
+
+
+def stats_table(stats: dict[str, dict], batch_size: int) -> str:
+    """The readable table `measure` prints: exact figures where they exist, sampled beside."""
+    head = ["estimator", "claim", "rel. bias exact", "rel. bias sampled [95% CI]", "p-value",
+            "variance exact", "sampled/exact [95% CI]", "z", "var/reinforce", f"cos@B={batch_size}"]
+    rows = []
+    for name, row in stats.items():
+        at_b = row["at_batch_size"].get(batch_size, {})
+        ratio = row.get("variance_ratio")
+        ex, agree = row.get("exact", {}), row.get("agreement", {})
+        has = ex.get("exact", False)
+        rows.append([
+            name, "unbiased" if row["claims_unbiased"] else "biased",
+            _rel(ex.get("rel_bias")) if has else "n/a",
+            _fmt_ci(row["rel_bias"], row["rel_bias_ci"]),
+            f"{row['p_value']:.4f}" + (" *" if row["rejects_unbiased"] else ""),
+            _num(ex.get("variance")) if has else "n/a",
+            _fmt_ci(agree["variance_ratio"], agree["variance_ratio_ci"]) if agree else "-",
+            f"{agree['z']:+.2f}" if agree else "-",
+            "-" if ratio is None else _fmt_ci(ratio, row["variance_ratio_ci"]),
+            f"{at_b['cosine']:.3f}" if at_b else "-",
+        ])
+    return _table(head, rows)
+
+
+def moments_table(rows: dict, batch_size: int) -> str:
+    """The readable table `moments` prints (every figure exact)."""
+    head = ["estimator", "claim", "rel. bias", "cosine", "|E g|/|grad J|", "variance",
+            f"batch var (B={batch_size})", "noise/signal", "var/reinforce", f"rel MSE@B={batch_size}",
+            "B for rel MSE 0.1"]
+    out = []
+    for name, (claim, row) in rows.items():
+        if not row.exact:
+            out.append([name, claim, "none (see below)", *["-"] * (len(head) - 3)])
+            continue
+        m = row.metrics
+        out.append([name, claim, _rel(m["rel_bias"]), _num(m["cosine"], ".4f"),
+                    _num(m["norm_ratio"], ".4f"), _num(m["variance"]), _num(m["batch_variance"]),
+                    _num(m["noise_to_signal"]), _num(m["variance_ratio"], ".3g"),
+                    _num(m["rel_mse"]), _num(m["batch_size_for_rel_mse_0.1"], ".4g")])
+    return _table(head, out)
 
 
 def cmd_measure(args) -> int:
@@ -124,7 +162,9 @@ def cmd_measure(args) -> int:
     alpha = next(iter(result.stats.values()))["alpha"]
     print(f"\n* rejects 'mean = grad J' at level {alpha} (sign-flip test over "
           f"{next(iter(result.stats.values()))['n_groups']} groups of batches); intervals: "
-          "bootstrap over the same groups; variance = trace of the per-trajectory covariance.")
+          "bootstrap over the same groups; variance = trace of the per-trajectory covariance; "
+          "exact = by recursion, no sampling; z = the sampled mean's distance from the exact "
+          "mean along the bias (or gradient) direction, in standard errors.")
     if args.out:
         meta = {"env": mdp.name, "policy": policy.name, "gamma": sol.gamma, "horizon": sol.horizon,
                 "trajectories": args.trajectories, "batch_size": args.batch_size,
@@ -133,6 +173,41 @@ def cmd_measure(args) -> int:
         files = exact_files(mdp, policy, sol)
         files["stats.json"] = json_bytes({"condition": meta, "estimators": result.stats})
         files["means.npz"] = npz_bytes({k: v.reshape(shape) for k, v in result.means.items()})
+        for path in write_files(args.out, files):
+            print(f"wrote {path}")
+    return 0
+
+
+def cmd_moments(args) -> int:
+    chosen = estimators.resolve(args.estimators)
+    if args.batch_size < 1 or (args.batch_size < 2 and any(e.needs_batch for e in chosen)):
+        raise InputError(f"batch size must be >= 2 for estimators that use their batch "
+                         f"({', '.join(e.name for e in chosen if e.needs_batch)}), got "
+                         f"{args.batch_size}; pass --batch-size 2 or more")
+    mdp, policy, sol = _problem(args)
+    started = time.perf_counter()
+    rows = exact_rows(mdp, policy, sol, chosen, args.batch_size, directions=False)
+    seconds = time.perf_counter() - started
+    print(f"environment  {mdp.name} ({mdp.n_states} states, {mdp.n_actions} actions), "
+          f"policy {policy.name}, gamma {sol.gamma:g}, horizon {sol.horizon}")
+    print(f"J = {sol.J:.6g}, |grad J| = {sol.grad_norm:.6g}; exact moments at batch size "
+          f"{args.batch_size} in {seconds:.2f} s (no sampling)")
+    print()
+    claims = {e.name: "unbiased" if e.claims_unbiased(sol.gamma) else "biased" for e in chosen}
+    print(moments_table({n: (claims[n], r) for n, r in rows.items()}, args.batch_size))
+    print("\nvariance = trace of the covariance of one trajectory's estimate (one member's, for "
+          "estimators that use their batch); batch var = of the batch's mean estimate.")
+    for name, row in rows.items():
+        if not row.exact:
+            print(f"no exact moments for {name}: {row.reason}")
+    if args.out:
+        shape = (mdp.n_states, mdp.n_actions) if policy.tabular else (policy.n_params,)
+        files = exact_files(mdp, policy, sol)
+        files["moments.json"] = json_bytes({
+            "J": sol.J, "grad_norm": sol.grad_norm, "batch_size": args.batch_size,
+            "estimators": {n: r.to_json() for n, r in rows.items()}})
+        files["moments_means.npz"] = npz_bytes({n: r.moments.mean.numpy().reshape(shape)
+                                                for n, r in rows.items() if r.exact})
         for path in write_files(args.out, files):
             print(f"wrote {path}")
     return 0
@@ -195,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads, each reducing its own chunks of trajectories (default: torch's "
                         "thread count on CPU, 1 on CUDA); results do not depend on it")
     p.set_defaults(func=cmd_measure)
+    p = sub.add_parser("moments", help="exact bias and variance of the estimators (no sampling)")
+    _add_problem_args(p)
+    p.add_argument("--batch-size", type=int, default=10, help="B (default 10)")
+    p.add_argument("--estimators", default="all", help="comma-separated names, or all (default)")
+    p.set_defaults(func=cmd_moments)
     p = sub.add_parser("study", help="run (or resume) a study file with Optuna, logging to MLflow")
     p.add_argument("study_file", help="a study file, e.g. studies/default.toml")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite in results/NAME/)")

@@ -79,6 +79,10 @@ def test_measure_prints_table_and_writes_stats(tmp_path, capsys):
     for row in stats.values():
         assert {"variance", "rel_bias", "rel_bias_ci", "p_value", "claims_unbiased"} <= set(row)
     assert stats["reinforce"]["claims_unbiased"] and not stats["final_formula_single_step"]["claims_unbiased"]
+    for row in stats.values():  # exact moments beside the sampled statistics, and their agreement
+        assert row["exact"]["exact"] and {"variance", "rel_bias"} <= set(row["exact"])
+        assert {"z", "p_value", "variance_ratio", "variance_ratio_ci"} <= set(row["agreement"])
+    assert stats["final_formula_single_step"]["exact"]["rel_bias"] > 0.1
     means = np.load(out / "means.npz")
     assert set(means.files) == set(stats) and means["reinforce"].shape == (16, 4)
     assert (out / "exact.json").exists()
@@ -99,4 +103,37 @@ def test_measure_bad_input(tmp_path, capsys, args, message):
     assert main(["measure", *args, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_moments_prints_the_exact_table_and_writes_moments_json(tmp_path, capsys):
+    code = main(["moments", "--env", "FrozenLake-v1", "--gamma", "0.9", "--horizon", "20",
+                 "--estimators", "reinforce,batch_mean_baseline,fitted_value_baseline",
+                 "--batch-size", "4", "--out", str(tmp_path)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "no sampling" in text and "no exact moments for fitted_value_baseline" in text
+    record = json.loads((tmp_path / "moments.json").read_text())
+    assert {"J", "grad_norm", "estimators"} <= set(record)
+    bm = record["estimators"]["batch_mean_baseline"]
+    assert bm["exact"] is True and bm["rel_bias"] == pytest.approx(0.25, rel=1e-10)
+    assert {"variance", "second_moment", "rel_bias", "noise_to_signal", "batch_variance",
+            "rel_mse", "batch_size_for_rel_mse_0.1", "batch_size_for_rel_mse_0.01",
+            "variance_ratio"} <= set(bm)
+    assert record["estimators"]["fitted_value_baseline"] == {
+        "exact": False, "reason": record["estimators"]["fitted_value_baseline"]["reason"]}
+    means = np.load(tmp_path / "moments_means.npz")
+    assert set(means.files) == {"reinforce", "batch_mean_baseline"}
+    assert means["reinforce"].shape == (16, 4)
+    grad = np.load(tmp_path / "exact_grad.npy")
+    assert np.allclose(means["batch_mean_baseline"], 0.75 * grad, rtol=1e-10, atol=1e-15)
+
+
+def test_moments_bad_batch_size_exits_2_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["moments", "--env", "FrozenLake-v1", "--gamma", "0.9", "--horizon", "5",
+                 "--estimators", "leave_one_out_baseline", "--batch-size", "1",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "batch size must be >= 2" in err and len(err.splitlines()) == 1
     assert not out.exists()

@@ -183,3 +183,48 @@ def test_fast_paths_equal_the_generic_recursion(env):
         assert _close(a.mean, b.mean, math.sqrt(scale)), name
         assert _close(a.second_moment, b.second_moment, scale), name
         assert _close(a.batch_second_moment, b.batch_second_moment, scale), name
+
+
+@pytest.mark.parametrize("env", ["FrozenLake-v1", "CliffWalking-v1"])
+def test_sampling_agrees_with_the_exact_moments(env):
+    """Sampling checks the engine (and the sampler and the estimator code): at 20,000
+    trajectories every exact variance lies in the sampled variance's 95% interval and every
+    sampled mean is within 4 standard errors of the exact mean along its bias/gradient direction.
+    Measured over seeds 0-2 (uniform policy, gamma 0.9, H 20): FrozenLake-v1 0 of 57 intervals
+    miss; CliffWalking-v1 2 of 57 (gae_perturbed_lambda_0.5 at ratios 0.992-0.994, which converge
+    to 0.998-0.999 at 200,000 trajectories); max |z| 2.13. Seed 0 misses none."""
+    from suite.harness.measure import measure
+    from suite.harness.problem import make_problem
+
+    problem = make_problem(env, "uniform", 0.9, 20)
+    result = measure(problem.mdp, problem.policy, problem.solution, estimators.resolve("all"),
+                     20_000, 10, seed=0, device="cpu")
+    checked = 0
+    for name, row in result.stats.items():
+        agree = row["agreement"]
+        assert bool(agree) == row["exact"]["exact"], name
+        if not agree:
+            continue
+        lo, hi = agree["variance_ratio_ci"]
+        assert lo <= 1.0 <= hi, f"{name}: sampled/exact variance {agree['variance_ratio']:.4f}"
+        assert abs(agree["z"]) < 4, f"{name}: z = {agree['z']:.2f}"
+        checked += 1
+    assert checked >= 17
+
+
+def test_agreement_catches_a_wrong_exact_mean():
+    """The agreement z must fail when the exact side is wrong (here: reward_to_go's exact moments
+    paired with the missing-discount estimator's samples)."""
+    from suite.harness.exact_table import agreement, exact_rows
+    from suite.harness.measure import measure
+    from suite.harness.problem import make_problem
+
+    problem = make_problem("CliffWalking-v1", "uniform", 0.9, 20)
+    chosen = estimators.resolve("reward_to_go,reward_to_go_missing_discount")
+    rows = exact_rows(problem.mdp, problem.policy, problem.solution, chosen, 10)
+    result = measure(problem.mdp, problem.policy, problem.solution, chosen, 20_000, 10,
+                     device="cpu", exact=rows)
+    wrong = agreement(rows["reward_to_go"], result.means["reward_to_go_missing_discount"], 2000,
+                      result.stats["reward_to_go_missing_discount"]["variance"],
+                      result.stats["reward_to_go_missing_discount"]["variance_ci"])
+    assert abs(wrong["z"]) > 10 and wrong["p_value"] < 1e-6

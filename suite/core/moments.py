@@ -31,6 +31,7 @@ of m = their number.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -41,6 +42,9 @@ from torch import Tensor
 from .exact import ExactSolution
 from .mdp import MDP
 from .policies import Policy
+
+# torch marks sparse CSR tensors as beta; the products used here are plain and tested
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 __all__ = ["AllAction", "BatchBaseline", "DenseScore", "ExactMoments", "Form", "MomentModel",
            "NoExact", "Reinforce", "Score", "SingleStep", "TabularScore", "Weighting",
@@ -305,7 +309,8 @@ class MomentModel:
             return (w * Xn).sum((1, 2))
         values = torch.zeros(self._n_edges, dtype=X.dtype).index_add_(
             0, self._slot, weights.reshape(-1))
-        M = torch.sparse_csr_tensor(self._crow, self._col, values, (self.S, self.S))
+        M = torch.sparse_csr_tensor(self._crow, self._col, values, (self.S, self.S),
+                                    check_invariants=False)
         return (M @ X.reshape(self.S, -1)).reshape(X.shape)
 
     def expect(self, table: Tensor) -> Tensor:
@@ -428,7 +433,8 @@ def _weighting_rows_part(model: MomentModel, form: Weighting, idx: Tensor) -> tu
         second = c * c + 2 * beta * c * mYn + beta**2 * mY2n
         h0 = expect(sq * ot * ot * second + 2 * ot * (c * d1 + beta * d2)) + expect(nxt(h0))
         values = torch.cat([wn.reshape(-1), (wn * y).reshape(-1), beta * wn.reshape(-1)])
-        step = torch.sparse_coo_tensor(index, values, (2 * n, 2 * n)).coalesce().to_sparse_csr()
+        step = torch.sparse_coo_tensor(index, values, (2 * n, 2 * n),
+                                       check_invariants=False).coalesce().to_sparse_csr()
         h12 = step @ h12
         blocks = h12.reshape(2 * n, n, A)
         q1 = (w * (c + beta * mYn)).sum(-1)

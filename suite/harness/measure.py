@@ -22,6 +22,7 @@ from ..core.mdp import MDP
 from ..core.policies import Policy
 from ..core.sampler import ChunkSampler, default_chunk_size, resolve_device
 from ..core.stats import SUMS, ChunkIndex, Moments, block_factors, summarize
+from .exact_table import ExactRow, agreement, exact_rows
 
 __all__ = ["MIN_BATCHES", "Measurement", "check_sizes", "measure"]
 
@@ -32,10 +33,12 @@ MIN_BATCHES = 10  # the sign-flip test needs enough independent groups to reach 
 class Measurement:
     """The statistics of every estimator on one rollout."""
 
-    stats: dict[str, dict]  # estimator name -> metrics (suite.core.stats.summarize)
+    stats: dict[str, dict]  # estimator name -> metrics (suite.core.stats.summarize), with an
+    #                         "exact" block and the "agreement" of the sampled with the exact
     means: dict[str, np.ndarray]  # estimator name -> mean estimate, [P] float64
     n_steps: int  # transitions sampled
     seconds: float
+    exact: dict[str, ExactRow]  # estimator name -> exact moments and metrics
 
 
 def check_sizes(n: int, batch_size: int, estimators) -> None:
@@ -69,8 +72,10 @@ def _chunk_sizes(n: int, horizon: int, block: int) -> tuple[int, int]:
 
 def measure(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, n: int, batch_size: int,
             seed: int = 0, device: str | torch.device = "auto",
-            progress: Callable[[int], None] | None = None, threads: int | None = None) -> Measurement:
-    """Sample n trajectories once and evaluate every estimator on them.
+            progress: Callable[[int], None] | None = None, threads: int | None = None,
+            exact: dict[str, ExactRow] | None = None) -> Measurement:
+    """Compute the exact moments of every estimator (unless given in ``exact``), then sample n
+    trajectories once and evaluate every estimator on them.
 
     The trajectories come in numbered chunks, each drawn from its own seed and reduced to sums by
     one of ``threads`` threads (default on CPU: torch.get_num_threads(); on CUDA: 1); the chunks'
@@ -82,6 +87,8 @@ def measure(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, n: int, ba
     started = time.perf_counter()
     M = n // batch_size
     factors = block_factors(M, batch_size)
+    if exact is None:
+        exact = exact_rows(mdp, policy, sol, estimators, batch_size, tuple(factors))
     chunk, piece = _chunk_sizes(n, sol.horizon, max(factors) * batch_size)
     sampler = ChunkSampler(mdp, sol.pi, sol.horizon, n, seed, dev, chunk)
     run = _Run(sampler, Contraction(policy, dev), sol.to(dev), list(estimators), piece,
@@ -109,11 +116,15 @@ def measure(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, n: int, ba
                 future.cancel()
     g = run.exact.grad
     stats = summarize({k: _to_cpu(m) for k, m in totals.items()}, g.cpu(), seed=seed)
-    for est in estimators:
-        stats[est.name]["claims_unbiased"] = est.claims_unbiased(sol.gamma)
-        stats[est.name]["condition"] = est.condition
     means = {k: (m.gsum.sum(0) / m.gn.sum()).cpu().numpy() for k, m in totals.items()}
-    return Measurement(stats, means, steps, time.perf_counter() - started)
+    for est in estimators:
+        row = stats[est.name]
+        row["claims_unbiased"] = est.claims_unbiased(sol.gamma)
+        row["condition"] = est.condition
+        row["exact"] = exact[est.name].to_json()
+        row["agreement"] = agreement(exact[est.name], means[est.name], M, row["variance"],
+                                     row["variance_ci"])
+    return Measurement(stats, means, steps, time.perf_counter() - started, exact)
 
 
 @dataclass(frozen=True)

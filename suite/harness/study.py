@@ -27,6 +27,8 @@ import estimators
 
 from ..core.errors import InputError
 from ..core.sampler import resolve_device
+from ..core.stats import block_factors
+from .exact_table import exact_rows
 from .measure import check_sizes, measure
 from .problem import make_problem
 from .study_spec import Objective, Range, StudySpec, fill, load_study
@@ -198,9 +200,12 @@ def run_trial(spec: StudySpec, trial: optuna.Trial, tracker: Tracker, parent: st
     trial.set_user_attr("mlflow_run_id", run)
     started = time.perf_counter()
     per_seed, steps = [], 0
+    M = cond["trajectories"] // cond["batch_size"]
+    exact = exact_rows(mdp, policy, sol, chosen, cond["batch_size"],
+                       tuple(block_factors(M, cond["batch_size"])))
     for seed in spec.seeds:
         m = measure(mdp, policy, sol, chosen, cond["trajectories"], cond["batch_size"], seed,
-                    spec.device)
+                    spec.device, exact=exact)
         per_seed.append(m.stats)
         steps += m.n_steps
     agg = aggregate_seeds(per_seed)

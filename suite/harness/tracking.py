@@ -79,6 +79,19 @@ def flatten_stats(row: dict) -> dict[str, float]:
         for name in ("rel_mse", "cosine", "sign_agreement"):
             if math.isfinite(at[name]):
                 out[f"batch/{name}_at_{size}"] = float(at[name])
+    exact = row.get("exact", {})
+    if exact.get("exact"):
+        for key, value in exact.items():
+            if isinstance(value, int | float) and not isinstance(value, bool) \
+                    and math.isfinite(value):
+                out[f"exact/{key}"] = float(value)
+        for size, value in exact.get("rel_mse_at_batch_size", {}).items():
+            if value is not None and math.isfinite(value):
+                out[f"exact/rel_mse_at_{size}"] = float(value)
+    agree = row.get("agreement", {})
+    for key in ("z", "p_value", "variance_ratio"):
+        if key in agree and math.isfinite(agree[key]):
+            out[f"agreement/{key}"] = float(agree[key])
     return out
 
 

@@ -1,0 +1,118 @@
+"""The exact moments of the chosen estimators for one problem, their metrics, and the agreement
+of a sampled measurement with them (the check of the sampler, the estimator code and the engine).
+
+``exact_rows`` runs the exact engine (suite.core.moments) once per estimator; ``agreement``
+compares a sampled mean and variance with the exact ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy import stats as st
+from torch import Tensor
+
+from ..core.exact import ExactSolution
+from ..core.mdp import MDP
+from ..core.moments import ExactMoments, MomentModel, NoExact, exact_moments, project, relative_metrics
+from ..core.policies import Policy
+
+__all__ = ["ExactRow", "agreement", "exact_rows"]
+
+
+@dataclass(frozen=True)
+class ExactRow:
+    """One estimator's exact moments (or why it has none) and the metrics they give."""
+
+    name: str
+    moments: ExactMoments | None  # None: no exact moments (reason says why)
+    reason: str = ""
+    metrics: dict = field(default_factory=dict)  # relative_metrics, plus rel_mse at B
+    direction: Tensor | None = None  # [P] unit vector the agreement z-score is taken along
+    direction_batch_variance: float = math.nan  # Var(direction . g_B), exact
+
+    @property
+    def exact(self) -> bool:
+        return self.moments is not None
+
+    def to_json(self) -> dict:
+        """The ``exact`` block of stats.json / an entry of moments.json."""
+        if self.moments is None:
+            return {"exact": False, "reason": self.reason}
+        m = {k: v for k, v in self.metrics.items() if k != "rel_mse_at"}
+        m["rel_mse_at_batch_size"] = {str(b): v for b, v in self.metrics["rel_mse_at"].items()}
+        return {"exact": True, **{k: _finite_or_none(v) for k, v in m.items()}}
+
+
+def _finite_or_none(v):
+    if isinstance(v, dict):
+        return {k: _finite_or_none(x) for k, x in v.items()}
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return v
+
+
+def exact_rows(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, batch_size: int,
+               factors: tuple[int, ...] = (1,), reference: str = "reinforce",
+               directions: bool = True) -> dict[str, ExactRow]:
+    """Exact moments and metrics of every estimator at batch size B (block factors k give the
+    relative MSE at k B), and (``directions``) each one's agreement direction, its bias
+    direction when it is biased, else the gradient, with the exact variance along it."""
+    model = MomentModel(mdp, policy, sol)
+    moments: dict[str, ExactMoments | str] = {}
+    for est in estimators:
+        form = est.exact_form(model)
+        moments[est.name] = (form.reason if isinstance(form, NoExact)
+                             else exact_moments(model, form, batch_size))
+    ref = moments.get(reference)
+    ref_var = ref.variance if isinstance(ref, ExactMoments) else None
+    g = sol.grad.to(torch.float64)
+    rows = {}
+    for est in estimators:
+        mom = moments[est.name]
+        if isinstance(mom, str):
+            rows[est.name] = ExactRow(est.name, None, mom)
+            continue
+        metrics = relative_metrics(mom, g, ref_var, tuple(factors))
+        metrics["rel_mse_at"] = metrics.pop("rel_mse")
+        metrics["rel_mse"] = metrics["rel_mse_at"][batch_size]
+        u = _direction(mom.batch_mean, g) if directions else None
+        var_u = math.nan
+        if u is not None:
+            along = MomentModel(mdp, policy, sol, project(model.score, u[:, None]))
+            m1 = exact_moments(along, est.exact_form(along), batch_size)
+            var_u = m1.batch_variance
+        rows[est.name] = ExactRow(est.name, mom, "", metrics, u, var_u)
+    return rows
+
+
+def _direction(mean: Tensor, g: Tensor) -> Tensor | None:
+    """The unit bias direction when the bias is more than round-off, else the unit gradient."""
+    bias = mean - g
+    scale = max(float(g.norm()), float(mean.norm()))
+    if scale == 0:
+        return None
+    v = bias if float(bias.norm()) > 1e-9 * scale else (g if float(g.norm()) > 0 else mean)
+    return v / v.norm()
+
+
+def agreement(row: ExactRow, sampled_mean: np.ndarray, n_batches: int,
+              sampled_variance: float, sampled_variance_ci: list[float]) -> dict:
+    """The sampled statistics against the exact ones: z of the sampled mean along the row's
+    direction (Var from the exact batch variance along it, over n_batches batches) with its
+    two-sided normal p-value, and the ratio of sampled to exact variance with its interval."""
+    if row.moments is None or row.direction is None:
+        return {}
+    diff = torch.as_tensor(sampled_mean, dtype=torch.float64) - row.moments.batch_mean
+    se = math.sqrt(row.direction_batch_variance / n_batches) if row.direction_batch_variance > 0 \
+        else 0.0
+    proj = float(row.direction @ diff)
+    z = proj / se if se > 0 else (0.0 if abs(proj) < 1e-12 else math.copysign(math.inf, proj))
+    exact_var = row.moments.variance
+    ratio = sampled_variance / exact_var if exact_var > 0 else math.nan
+    ratio_ci = [x / exact_var for x in sampled_variance_ci] if exact_var > 0 else [math.nan] * 2
+    return {"z": z, "p_value": float(2 * st.norm.sf(abs(z))), "variance_ratio": ratio,
+            "variance_ratio_ci": ratio_ci}
