@@ -42,6 +42,7 @@ from torch import Tensor
 from .exact import ExactSolution
 from .mdp import MDP
 from .policies import Policy
+from .threads import intra_op_threads
 
 # torch marks sparse CSR tensors as beta; the products used here are plain and tested
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -786,8 +787,13 @@ def _moments(model: MomentModel, form: Weighting | Reinforce | AllAction) -> tup
 
 
 def exact_moments(model: MomentModel, form: Form, batch_size: int) -> ExactMoments:
-    """Exact moments of the estimator of ``form`` at batch size B (NoExact: ValueError)."""
-    B = int(batch_size)
+    """Exact moments of the estimator of ``form`` at batch size B (NoExact: ValueError). Runs
+    with torch single-threaded (many small operations; see suite.core.threads)."""
+    with intra_op_threads(1):
+        return _exact_moments(model, form, int(batch_size))
+
+
+def _exact_moments(model: MomentModel, form: Form, B: int) -> ExactMoments:
     to_p = model.score.to_params
     if isinstance(form, NoExact):
         raise ValueError(f"no exact moments: {form.reason}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import time
 import zlib
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from ..core.mdp import MDP
 from ..core.policies import Policy
 from ..core.sampler import ChunkSampler, default_chunk_size, resolve_device
 from ..core.stats import SUMS, ChunkIndex, Moments, block_factors, summarize
+from ..core.threads import intra_op_threads
 from .exact_table import ExactRow, agreement, exact_rows
 
 __all__ = ["MIN_BATCHES", "Measurement", "check_sizes", "measure"]
@@ -96,7 +96,7 @@ def measure(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, n: int, ba
     totals = {e.name: run.template.empty_like() for e in estimators}
     steps = 0
     n_threads = max(1, min(threads or _default_threads(dev), len(sampler)))
-    with _intra_op_threads(1 if n_threads > 1 else torch.get_num_threads()), \
+    with intra_op_threads(1 if n_threads > 1 else torch.get_num_threads()), \
             ThreadPoolExecutor(n_threads, thread_name_prefix="measure") as pool:
         # a window of 2 chunks per thread in flight: a chunk's sums are dropped once merged
         pending = collections.deque(pool.submit(run.chunk, c)
@@ -163,17 +163,6 @@ class _Run:
 def _default_threads(device: torch.device) -> int:
     """On CPU as many as torch would use; on CUDA one (the device is the parallel part)."""
     return torch.get_num_threads() if device.type == "cpu" else 1
-
-
-@contextlib.contextmanager
-def _intra_op_threads(k: int):
-    """torch's intra-op thread count set to k for the block, then restored."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(k)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _generator(device: torch.device, seed: int, chunk: int, name: str) -> torch.Generator:
