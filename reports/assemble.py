@@ -66,7 +66,7 @@ def assemble(data: StudyData) -> Report:
                 f"{len(data.estimator_names)} estimators, sampler {data.sampler}, seeds "
                 f"{', '.join(seeds)}; varied: {', '.join(varying) or 'nothing'}.")
     many = c.groupby("env").size().max() > 1
-    note = ("Relative bias: |mean − ∇J| / |∇J|, debiased by the noise floor. Test: sign-flip test "
+    note = ("Relative bias: |mean − ∇J| / |∇J|, debiased by the noise floor. Test: t-test along ∇J "
             f"of 'mean = ∇J' at level {d.ALPHA:g}; a row is red when its verdict contradicts the "
             "estimator's claim in some condition. Variance ratio: paired, on the same "
             "trajectories as reinforce. Noise / signal: variance / |∇J|². B: trajectories per "

@@ -18,6 +18,7 @@ from reports.cli import add_report_parser
 from .core.envs import available_envs
 from .core.errors import InputError
 from .core.io import json_bytes, npy_bytes, npz_bytes, write_files
+from .core.metrics import METRICS, markdown_table, verdict
 from .core.sampler import resolve_device
 from .harness.exact_table import exact_rows
 from .harness.measure import check_sizes, measure
@@ -102,19 +103,22 @@ def _rel(x) -> str:
 
 def stats_table(stats: dict[str, dict], batch_size: int) -> str:
     """The readable table `measure` prints: exact figures where they exist, sampled beside."""
-    head = ["estimator", "claim", "rel. bias exact", "rel. bias sampled [95% CI]", "p-value",
-            "variance exact", "sampled/exact [95% CI]", "z", "var/reinforce", f"cos@B={batch_size}"]
+    head = ["estimator", "claim", "verdict", "rel. bias exact", "scale sampled [95% CI]",
+            "p-value", "variance exact", "sampled/exact [95% CI]", "z", "var/reinforce",
+            f"cos@B={batch_size}"]
     rows = []
     for name, row in stats.items():
         at_b = row["at_batch_size"].get(batch_size, {})
         ratio = row.get("variance_ratio")
         ex, agree = row.get("exact", {}), row.get("agreement", {})
         has = ex.get("exact", False)
+        found, source = verdict(ex.get("rel_bias") if has else None, row["rejects_unbiased"])
         rows.append([
-            name, "unbiased" if row["claims_unbiased"] else "biased",
+            name, "unbiased" if row["claims_unbiased"] else "biased", f"{found} ({source})",
             _rel(ex.get("rel_bias")) if has else "n/a",
-            _fmt_ci(row["rel_bias"], row["rel_bias_ci"]),
-            f"{row['p_value']:.4f}" + (" *" if row["rejects_unbiased"] else ""),
+            _fmt_ci(row["scale"], row["scale_ci"]),
+            (f"{row['p_value']:.4f}" + (" *" if row["rejects_unbiased"] else "")
+             if row["p_value"] is not None else f"- (need {row['trajectories_needed']:,})"),
             _num(ex.get("variance")) if has else "n/a",
             _fmt_ci(agree["variance_ratio"], agree["variance_ratio_ci"]) if agree else "-",
             f"{agree['z']:+.2f}" if agree else "-",
@@ -159,12 +163,14 @@ def cmd_measure(args) -> int:
           f"{device}, {result.seconds:.1f} s")
     print()
     print(stats_table(result.stats, args.batch_size))
-    alpha = next(iter(result.stats.values()))["alpha"]
-    print(f"\n* rejects 'mean = grad J' at level {alpha} (sign-flip test over "
-          f"{next(iter(result.stats.values()))['n_groups']} groups of batches); intervals: "
-          "bootstrap over the same groups; variance = trace of the per-trajectory covariance; "
-          "exact = by recursion, no sampling; z = the sampled mean's distance from the exact "
-          "mean along the bias (or gradient) direction, in standard errors.")
+    first = next(iter(result.stats.values()))
+    print(f"\nverdict: exact where the estimator has exact moments, else the sampled test. "
+          f"* rejects 'mean = grad J' at level {first['alpha']} ({first['test_method']}; '-': "
+          "inconclusive, with the trajectories it would need); scale = the mean's component "
+          "along grad J / |grad J| (1 when unbiased), t-interval; other intervals: bootstrap over "
+          f"{first['n_groups']} groups of batches; variance = trace of the per-trajectory "
+          "covariance; exact = by recursion, no sampling; z = the sampled mean's distance from "
+          "the exact mean along the bias (or gradient) direction, in standard errors.")
     if args.out:
         meta = {"env": mdp.name, "policy": policy.name, "gamma": sol.gamma, "horizon": sol.horizon,
                 "trajectories": args.trajectories, "batch_size": args.batch_size,
@@ -210,6 +216,16 @@ def cmd_moments(args) -> int:
                                                 for n, r in rows.items() if r.exact})
         for path in write_files(args.out, files):
             print(f"wrote {path}")
+    return 0
+
+
+def cmd_metrics(args) -> int:
+    if args.markdown:
+        print(markdown_table())
+        return 0
+    width = max(len(m.name) for m in METRICS)
+    for m in METRICS:
+        print(f"{m.name:<{width}}  {m.source:<9}  {m.mlflow:<40}  {m.definition}")
     return 0
 
 
@@ -283,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-running", action="store_true",
                    help="mark trials left 'running' by a killed process as failed, and redo them")
     p.set_defaults(func=cmd_study)
+    p = sub.add_parser("metrics", help="list every metric: name, source, MLflow key, definition")
+    p.add_argument("--markdown", action="store_true", help="as the table of docs/metrics.md")
+    p.set_defaults(func=cmd_metrics)
     p = sub.add_parser("estimators", help="list the registered estimators and their claims")
     p.set_defaults(func=cmd_estimators)
     add_report_parser(sub)

@@ -8,7 +8,8 @@ import estimators
 from suite.core.contraction import DenseGrads
 from suite.core.exact import solve
 from suite.core.policies import random_policy
-from suite.core.stats import Moments, block_factors, summarize, unbiasedness_test
+from suite.core.stats import Moments, block_factors, scale_test, summarize
+from suite.harness.exact_table import exact_rows
 from suite.harness.measure import measure
 
 from .conftest import tiny_mdp
@@ -54,25 +55,68 @@ def test_summary_matches_direct_formulas():
     assert at_4b["sign_agreement"] == pytest.approx(float((block_means @ g > 0).double().mean()))
 
 
-def test_zero_variance_coordinates_do_not_break_the_test():
+def test_zero_variance_directions_give_defined_verdicts():
     gen = torch.Generator().manual_seed(1)
     X = torch.randn(2000, 4, dtype=torch.float64, generator=gen)
     X[:, 2] = 0.0  # never visited: exactly zero, as is grad J there
-    X[:, 3] = 0.7  # deterministic and right
-    g = torch.tensor([0.0, 0.0, 0.0, 0.7], dtype=torch.float64)
-    m = _moments_from_dense(X, 10, 500, g)
-    assert unbiasedness_test(m, g)[1] > 0.01
-    X[:, 3] = 0.8  # deterministic and wrong by about the noise of one trajectory
-    assert unbiasedness_test(_moments_from_dense(X, 10, 500, g), g)[1] < 0.001
+    X[:, 3] = 0.7  # deterministic
+    g = torch.tensor([0.0, 0.0, 0.0, 0.7], dtype=torch.float64)  # along coordinate 3 only
+    right = scale_test(_moments_from_dense(X, 10, 500, g), g)
+    assert right.p_value == 1.0 and right.scale == pytest.approx(1.0)
+    X[:, 3] = 0.8  # deterministic and wrong, or rare events not seen: the samples cannot tell
+    wrong = scale_test(_moments_from_dense(X, 10, 500, g), g)
+    assert wrong.p_value is None and "do not vary" in wrong.inconclusive
+    assert wrong.scale == pytest.approx(0.8 / 0.7) and wrong.trajectories_needed == 20_000
+    zero = torch.zeros(4, dtype=torch.float64)  # grad J = 0 with noisy estimates: no direction
+    undefined = scale_test(_moments_from_dense(X, 10, 500, zero), zero)
+    assert undefined.p_value is None and "grad J = 0" in undefined.inconclusive
+    silent = scale_test(_moments_from_dense(torch.zeros(2000, 4, dtype=torch.float64), 10, 500,
+                                            zero), zero)
+    assert silent.p_value == 1.0  # every estimate exactly 0 = grad J
+
+
+def _bernoulli_moments(p: float, n: int, seed: int, B: int = 10) -> tuple[Moments, torch.Tensor]:
+    """One coordinate, X = 1 with probability p (rare events: skewed batch means); g = p."""
+    gen = torch.Generator().manual_seed(seed)
+    X = (torch.rand(n, 1, generator=gen, dtype=torch.float64) < p).to(torch.float64)
+    g = torch.tensor([p], dtype=torch.float64)
+    return _moments_from_dense(X, B, n, g), g
+
+
+def test_scale_test_holds_its_level_and_says_when_it_cannot():
+    """Rare events: at 20,000 draws of p = 0.01 (200 events) the t-test's level holds; at 2,000
+    draws of p = 0.0005 (about 1 event) it says inconclusive and asks for more. Binomial
+    (400, 0.05): 20 expected, [12, 29] holds with probability 0.95; measured: 14/400."""
+    rejections = inconclusive = 0
+    for seed in range(400):
+        test = scale_test(*_bernoulli_moments(0.01, 20_000, seed))
+        assert test.p_value is not None
+        rejections += test.p_value < 0.05
+        inconclusive += scale_test(*_bernoulli_moments(0.0005, 2_000, seed)).p_value is None
+    assert 12 <= rejections <= 29
+    assert inconclusive == 400
+    sparse = scale_test(*_bernoulli_moments(0.0005, 2_000, 0))
+    assert sparse.trajectories_needed > 2_000 and "skewed" in sparse.inconclusive
+
+
+def test_scale_interval_agrees_with_the_test():
+    m, g = _bernoulli_moments(0.2, 5_000, 3)
+    test = scale_test(m, g)
+    lo, hi = test.scale_ci
+    assert (lo <= 1.0 <= hi) == (test.p_value >= 0.05)
+    shrunk = _moments_from_dense(torch.full((5_000, 1), 0.9, dtype=torch.float64)
+                                 + torch.randn(5_000, 1, generator=torch.Generator().manual_seed(0),
+                                               dtype=torch.float64), 10, 5_000,
+                                 torch.tensor([1.0], dtype=torch.float64))
+    biased = scale_test(shrunk, torch.tensor([1.0], dtype=torch.float64))
+    assert biased.p_value < 1e-6 and biased.scale_ci[1] < 1.0
 
 
 @pytest.mark.slow
-def test_unbiasedness_test_false_positive_rate_is_nominal():
-    """Over 300 seeds, the level-0.05 test rejects a truly unbiased estimator ~5% of the time.
-
-    Policy with a near-deterministic row, so some coordinates have (almost) zero variance.
-    Binomial(300, 0.05): 15 expected; [5, 27] holds with probability > 0.99.
-    """
+def test_false_positive_rate_of_the_measured_test():
+    """Over 200 seeds of measure (tiny MDP, a near-deterministic policy row, 2,000 trajectories),
+    the level-0.05 test rejects truly unbiased estimators about 5% of the time; binomial(200,
+    0.05): 10 expected, [3, 19] holds with probability > 0.99."""
     mdp = tiny_mdp(seed=4, S=3)
     logits = random_policy(3, 2, seed=0).params.reshape(3, 2)
     logits[1] = torch.tensor([40.0, 0.0], dtype=torch.float64)
@@ -80,16 +124,17 @@ def test_unbiasedness_test_false_positive_rate_is_nominal():
 
     policy = tabular(logits)
     sol = solve(mdp, policy, 0.9, 4)
-    chosen = [estimators.get(n) for n in ("reinforce", "leave_one_out_baseline", "final_formula_rescaled")]
-    p_values = {e.name: [] for e in chosen}
-    for seed in range(300):
-        stats = measure(mdp, policy, sol, chosen, 2000, 10, seed=seed, device="cpu").stats
+    chosen = [estimators.get(n) for n in ("reinforce", "leave_one_out_baseline",
+                                          "final_formula_rescaled", "fitted_value_baseline")]
+    rejections = {e.name: 0 for e in chosen}
+    exact = exact_rows(mdp, policy, sol, chosen, 10, (1, 4, 16))  # the same for every seed
+    for seed in range(200):
+        stats = measure(mdp, policy, sol, chosen, 2000, 10, seed=seed, device="cpu",
+                        exact=exact).stats
         for e in chosen:
-            p_values[e.name].append(stats[e.name]["p_value"])
-    for name, ps in p_values.items():
-        rejections = sum(p < 0.05 for p in ps)
-        print(f"{name}: {rejections}/300 rejections at level 0.05")
-        assert 5 <= rejections <= 27, f"{name}: {rejections}/300 rejections at level 0.05"
+            rejections[e.name] += bool(stats[e.name]["rejects_unbiased"])
+    for name, k in rejections.items():
+        assert 3 <= k <= 19, f"{name}: {k}/200 rejections at level 0.05"
 
 
 def test_biased_estimators_are_flagged_and_unbiased_ones_are_not():

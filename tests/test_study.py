@@ -72,8 +72,9 @@ def test_tiny_study_end_to_end_and_resume(stores):
     assert {r.data.params["estimator"] for r in estimator_runs} == {
         "reinforce", "reward_to_go", "gae:lambda=0,critic=exact", "gae:lambda=0.9,critic=exact"}
     for r in estimator_runs:
-        assert {"bias/rel", "variance/trajectory", "test/p_value", "exact/variance",
-                "exact/rel_bias", "agreement/z"} <= set(r.data.metrics)
+        assert {"bias/rel", "variance/trajectory", "test/inconclusive", "exact/variance",
+                "exact/rel_bias", "agreement/z", "test/alpha"} <= set(r.data.metrics)
+        assert ("test/p_value" in r.data.metrics) != bool(r.data.metrics["test/inconclusive"])
         assert r.info.status == "FINISHED"
         assert r.data.tags["mlflow.parentRunId"] in {c.info.run_id for c in runs
                                                     if c.data.tags["kind"] == "condition"}

@@ -6,10 +6,13 @@ sits in memory:
 
     gsum [K, P]  sum of X_i over the group        gsq  [K]  sum of |X_i|^2
     gbsq [K]     sum over its batches of |g_B|^2  gn, gm [K] trajectories, batches
+    gu2, gu3, gu4 [K]  sums over its batches of y^2, y^3, y^4, y = u . g_B, u = grad J / |grad J|
     blocks       for each batch size B' = k B: sums of |g_B' - g|^2/|g|^2, cos(g_B', g), sign
 
-Groups are independent (whole batches), so they are the resampling unit of every interval
-(bootstrap over groups) and of the unbiasedness test (sign-flip test over groups).
+Groups are independent (whole batches), so they are the resampling unit of the bootstrap
+intervals. The unbiasedness test is a t-test of the batch estimates' component along grad J
+(``scale_test``); runs of one condition with several seeds pool their sums (``Moments.merge``)
+into one test and one interval.
 """
 
 from __future__ import annotations
@@ -18,15 +21,16 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from scipy import stats as st
 from torch import Tensor
 
 from .contraction import Grads
 
-__all__ = ["ChunkIndex", "Moments", "block_factors", "n_groups", "summarize", "unbiasedness_test"]
+__all__ = ["ChunkIndex", "Moments", "ScaleTest", "block_factors", "bootstrap_interval", "n_groups",
+           "scale_test", "summarize"]
 
 BLOCK_FACTORS = (1, 4, 16, 64, 256)  # batch sizes B' = k B at which relMSE/cosine are measured
 MAX_GROUPS = 64
-N_FLIPS = 1999
 N_BOOT = 1000
 ALPHA = 0.05
 
@@ -62,7 +66,7 @@ class ChunkIndex:
         return ChunkIndex(local, group, group[local], dm * batch_size, dm)
 
 
-SUMS = ("gsum", "gsq", "gbsq", "gn", "gm", "blocks")  # the fields of Moments that are sums
+SUMS = ("gsum", "gsq", "gbsq", "gn", "gm", "gu2", "gu3", "gu4", "blocks")  # the sums of Moments
 
 
 @dataclass
@@ -79,6 +83,9 @@ class Moments:
     gbsq: Tensor = field(init=False)
     gn: Tensor = field(init=False)
     gm: Tensor = field(init=False)
+    gu2: Tensor = field(init=False)
+    gu3: Tensor = field(init=False)
+    gu4: Tensor = field(init=False)
     blocks: Tensor = field(init=False)  # [F, 6]: count, relsq, relsq^2, cos, cos^2, sign
 
     def __post_init__(self) -> None:
@@ -87,6 +94,7 @@ class Moments:
         K = n_groups(self.n_batches)
         z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=self.device)  # noqa: E731
         self.gsum, self.gsq, self.gbsq, self.gn, self.gm = z(K, self.n_params), z(K), z(K), z(K), z(K)
+        self.gu2, self.gu3, self.gu4 = z(K), z(K), z(K)
         self.blocks = z(len(self.factors), 6)
 
     def empty_like(self) -> Moments:
@@ -113,6 +121,12 @@ class Moments:
         self.gbsq.index_add_(0, idx.group, sums_sq / B**2)
         self.gn += idx.dn
         self.gm += idx.dm
+        g_norm = float(g.norm())
+        y = (sums @ g) / (B * g_norm) if g_norm > 0 else torch.zeros_like(sums_sq)  # u . g_B
+        y2 = y * y
+        self.gu2.index_add_(0, idx.group, y2)
+        self.gu3.index_add_(0, idx.group, y2 * y)
+        self.gu4.index_add_(0, idx.group, y2 * y2)
         self._add_blocks(sums, g)
 
     def _add_blocks(self, sums: Tensor, g: Tensor) -> None:
@@ -157,31 +171,75 @@ def _core(m: Moments, g: Tensor, w: Tensor | None = None) -> dict[str, Tensor]:
             "bias_sq_debiased": bias_sq - var_b / M, "g_sq": g_sq, "N": N, "M": M}
 
 
-def unbiasedness_test(m: Moments, g: Tensor, seed: int = 0) -> tuple[float, float]:
-    """Sign-flip test of H0: E[X] = g over the K independent groups.
+@dataclass(frozen=True)
+class ScaleTest:
+    """The t-test of H0: E[X] = g along u = g / |g| (see ``scale_test``)."""
 
-    D_kp = sum over group k of (X_ip - g_p). Statistic: sum over coordinates p of
-    (sum_k D_kp)^2 / (sum_k D_kp^2 + floor), floor = the mean of sum_k D_kp^2 over coordinates.
-    Under H0 each group's D_k is symmetric about 0 (a sum of many centred terms), so flipping
-    the signs of whole groups leaves its distribution unchanged; the denominators do not change
-    under flips, so the p-value is exact up to that symmetry and the Monte Carlo error of N_FLIPS
-    flips. The floor keeps coordinates of (near-)zero variance from dominating: a coordinate
-    that no trajectory touched (mean 0 while grad J has a tiny entry there) weighs nothing,
-    while a zero-variance coordinate with an offset as large as the typical noise is caught.
-    Returns (statistic, p-value).
+    scale: float  # u . mean / |g|: 1 for an unbiased estimator, (B-1)/B for the batch mean's
+    scale_ci: tuple[float, float]  # t-interval at level 1 - alpha (excludes 1 iff the test rejects)
+    statistic: float  # t
+    p_value: float | None  # None: inconclusive
+    level_error: float  # predicted error of the test's level from the skewness and kurtosis
+    inconclusive: str | None  # why the test cannot be trusted here, or None
+    trajectories_needed: int | None  # with this many the predicted level error would be <= TOL
+
+
+LEVEL_TOL = 0.02  # the test is trusted when its level is predicted within alpha +- LEVEL_TOL
+
+
+def scale_test(m: Moments, g: Tensor, alpha: float = ALPHA) -> ScaleTest:
+    """t-test of H0: E[X] = g along u = g / |g|, over the M batch estimates y_b = u . g_B.
+
+    t = (mean(y) - |g|) / (sd(y) / sqrt(M)), p from Student's t with M - 1 degrees of freedom.
+    Batches are independent for every estimator (also those that use their batch), so the test
+    needs no symmetry; it detects every bias that changes the mean's component along grad J
+    (a rescaled gradient, a wrong discount), not a bias orthogonal to it. Its level rests on the
+    normal approximation of mean(y); Hall's (1992) expansion of the studentised mean puts the
+    two-sided level error at (0.2466 skew^2 - 0.0160 kurt) / M at alpha = 0.05, from the skewness
+    and excess kurtosis of y. When that exceeds LEVEL_TOL the test says "inconclusive" and how
+    many trajectories would bring it within (about 13 independent events along grad J are
+    needed when the estimate is driven by rare events). Batch estimates that do not vary: p = 1
+    if they equal g, else inconclusive (rare events and a deterministic error look the same).
     """
-    D = m.gsum - m.gn[:, None] * g  # [K, P]
-    energy = (D**2).sum(0)
-    floor = energy.mean()
-    if not bool(floor > 0):
-        return 0.0, 1.0
-    weight = 1.0 / (energy + floor)
-    stat = float((D.sum(0) ** 2 * weight).sum())
-    gen = torch.Generator().manual_seed(seed)
-    signs = (torch.randint(0, 2, (N_FLIPS, D.shape[0]), generator=gen) * 2 - 1).to(D)
-    flipped = ((signs @ D) ** 2 * weight).sum(1)
-    p = (1 + int((flipped >= stat * (1 - 1e-12)).sum())) / (N_FLIPS + 1)
-    return stat, p
+    g = g.to(torch.float64)
+    g_norm = float(g.norm())
+    M = float(m.gm.sum())
+    B = m.batch_size
+    if g_norm == 0:
+        if float(m.gsq.sum()) == 0:  # every estimate is exactly 0 = grad J
+            return ScaleTest(1.0, (1.0, 1.0), 0.0, 1.0, 0.0, None, None)
+        return ScaleTest(math.nan, (math.nan, math.nan), math.nan, None, math.nan,
+                         "grad J = 0: no direction to test along", None)
+    u = g / g_norm
+    S1 = float(u @ m.gsum.sum(0)) / B
+    S2, S3, S4 = float(m.gu2.sum()), float(m.gu3.sum()), float(m.gu4.sum())
+    mean = S1 / M
+    c2 = max(S2 / M - mean**2, 0.0)
+    var = c2 * M / (M - 1)
+    scale = mean / g_norm
+    if var <= 1e-24 * max(mean**2, g_norm**2):
+        if abs(mean - g_norm) <= 1e-12 * max(abs(mean), g_norm):  # every estimate right
+            return ScaleTest(scale, (scale, scale), 0.0, 1.0, 0.0, None, None)
+        # no variation seen: events rarer than one per batch, or a deterministic error; the
+        # samples cannot tell which
+        return ScaleTest(scale, (math.nan, math.nan), math.nan, None, math.nan,
+                         f"the {int(M):,} batch estimates do not vary along grad J (events rarer "
+                         "than one per batch?)", int(10 * M * B))
+    c3 = S3 / M - 3 * mean * S2 / M + 2 * mean**3
+    c4 = S4 / M - 4 * mean * S3 / M + 6 * mean**2 * S2 / M - 3 * mean**4
+    skew, kurt = c3 / c2**1.5, c4 / c2**2 - 3
+    level_error = (0.2466 * skew**2 - 0.0160 * kurt) / M
+    se = math.sqrt(var / M)
+    t = (mean - g_norm) / se
+    half = st.t.ppf(1 - alpha / 2, M - 1) * se / g_norm
+    ci = (scale - half, scale + half)
+    if abs(level_error) > LEVEL_TOL:
+        need = math.ceil(M * abs(level_error) / LEVEL_TOL) * B
+        return ScaleTest(scale, ci, t, None, level_error,
+                         f"skewed batch estimates (skewness {skew:.3g}, excess kurtosis "
+                         f"{kurt:.3g}): the level of the test is off by up to "
+                         f"{abs(level_error):.3f} at {int(M * B):,} trajectories", need)
+    return ScaleTest(scale, ci, t, float(2 * st.t.sf(abs(t), M - 1)), level_error, None, None)
 
 
 def _se(total: float, total_sq: float, n: float) -> float:
@@ -189,64 +247,95 @@ def _se(total: float, total_sq: float, n: float) -> float:
     return math.sqrt(max(total_sq / n - (total / n) ** 2, 0.0) / n)
 
 
-def _ci(x: Tensor) -> list[float]:
-    q = torch.quantile(x[torch.isfinite(x)], torch.tensor([0.025, 0.975], dtype=x.dtype))
-    return [float(q[0]), float(q[1])]
+def bootstrap_interval(replicates: Tensor, level: float = 1 - ALPHA) -> list[float]:
+    """Percentile interval of bootstrap replicates (non-finite ones dropped; [nan, nan] if none
+    is finite): the one interval of every resampled statistic."""
+    finite = replicates[torch.isfinite(replicates)]
+    if finite.numel() == 0:
+        return [math.nan, math.nan]
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=replicates.dtype)
+    lo, hi = torch.quantile(finite, q)
+    return [float(lo), float(hi)]
+
+
+def _bootstrap_weights(K: int, seed: int, device: torch.device) -> Tensor:
+    """[N_BOOT, K] multiplicities of K groups resampled with replacement (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, K, (N_BOOT, K), generator=gen)
+    w = torch.zeros(N_BOOT, K, dtype=torch.float64).scatter_add_(
+        1, idx, torch.ones(N_BOOT, K, dtype=torch.float64))
+    return w.to(device)
+
+
+def _debiased_bias_interval(estimate: float, replicates: Tensor) -> list[float]:
+    """Interval for the debiased squared bias: its bootstrap replicates sit about tr Cov / M
+    above the estimate (resampling adds the noise once more), so the interval is shifted by the
+    bootstrap's own bias, widened to hold the estimate and clipped at 0."""
+    finite = replicates[torch.isfinite(replicates)]
+    if finite.numel() == 0 or not math.isfinite(estimate):
+        return [math.nan, math.nan]
+    shift = float(finite.mean()) - estimate
+    lo, hi = bootstrap_interval(replicates)
+    return [max(min(lo - shift, estimate), 0.0), max(hi - shift, estimate, 0.0)]
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 and math.isfinite(b) else math.nan
 
 
 def summarize(moments: dict[str, Moments], g: Tensor, reference: str = "reinforce",
               seed: int = 0, alpha: float = ALPHA) -> dict[str, dict]:
-    """Metrics per estimator (see docs/metrics.md). Intervals: percentile bootstrap over groups,
-    the same resampled groups for every estimator (so the variance ratio is paired)."""
+    """Metrics per estimator (docs/metrics.md). Intervals: percentile bootstrap over groups,
+    the same resampled groups for every estimator (so the variance ratio is paired); the test
+    and the scale interval: ``scale_test``."""
     g = g.to(torch.float64)
     any_m = next(iter(moments.values()))
     K = any_m.gsum.shape[0]
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, K, (N_BOOT, K), generator=gen)
-    w = torch.zeros(N_BOOT, K, dtype=torch.float64).scatter_add_(
-        1, idx, torch.ones(N_BOOT, K, dtype=torch.float64)).to(any_m.device)
+    w = _bootstrap_weights(K, seed, any_m.device)
     boot = {name: _core(m, g, w) for name, m in moments.items()}
     ref, ref_boot = (_core(moments[reference], g), boot[reference]) if reference in moments else (None, None)
+    g_sq = float(g @ g)
+    rel = (lambda x: x / g_sq) if g_sq > 0 else (lambda x: math.nan)  # undefined when grad J = 0
     out = {}
     for name, m in moments.items():
         c, b = _core(m, g), boot[name]
-        stat, p = unbiasedness_test(m, g, seed)
-        g_sq = float(c["g_sq"]) or math.nan  # relative metrics are undefined when grad J = 0
+        test = scale_test(m, g, alpha)
         sq_bias_debiased = float(c["bias_sq_debiased"])
-        # bias-corrected percentile interval for the debiased squared bias: its replicates sit
-        # about tr Cov / M above the estimate (resampling adds noise once more), so the
-        # interval is shifted by the bootstrap's own bias, widened to hold the estimate, clipped
-        # at 0, and then square-rooted
-        reps = b["bias_sq_debiased"]
-        shift = float(reps[torch.isfinite(reps)].mean()) - sq_bias_debiased
-        lo, hi = _ci(reps)
-        sq_ci = [max(min(lo - shift, sq_bias_debiased), 0.0),
-                 max(hi - shift, sq_bias_debiased, 0.0)]
+        sq_ci = _debiased_bias_interval(sq_bias_debiased, b["bias_sq_debiased"])
+        mean_norm = float(c["mean"].norm())
         row = {
             "n_trajectories": int(c["N"]), "batch_size": m.batch_size, "n_batches": int(c["M"]),
             "n_groups": K,
             "grad_norm": math.sqrt(g_sq),
-            "mean_norm": float(c["mean"].norm()),
+            "mean_norm": mean_norm,
             "bias_norm": float(c["bias_sq"].sqrt()),
-            "rel_bias": math.sqrt(max(sq_bias_debiased, 0.0) / g_sq),
-            "rel_bias_ci": [math.sqrt(x / g_sq) for x in sq_ci],
-            "rel_bias_plugin": math.sqrt(float(c["bias_sq"]) / g_sq),
-            "rel_bias_noise_floor": math.sqrt(max(float(c["var_b"] / c["M"]), 0.0) / g_sq),
+            "rel_bias": math.sqrt(max(rel(sq_bias_debiased), 0.0)),
+            "rel_bias_ci": [math.sqrt(max(rel(x), 0.0)) for x in sq_ci],
+            "rel_bias_plugin": math.sqrt(rel(float(c["bias_sq"]))),
+            "rel_bias_noise_floor": math.sqrt(max(rel(float(c["var_b"] / c["M"])), 0.0)),
             "sq_bias_debiased": sq_bias_debiased,
-            "rel_sq_bias_debiased": sq_bias_debiased / g_sq,
-            "variance": float(c["var"]), "variance_ci": _ci(b["var"]),
-            "batch_variance": float(c["var_b"]), "batch_variance_ci": _ci(b["var_b"]),
-            "noise_to_signal": float(c["var"]) / g_sq,
-            "test_statistic": stat, "p_value": p, "alpha": alpha, "rejects_unbiased": p < alpha,
+            "rel_sq_bias_debiased": rel(sq_bias_debiased),
+            "cosine": _ratio(float(c["mean"] @ g), mean_norm * math.sqrt(g_sq)),
+            "norm_ratio": _ratio(mean_norm, math.sqrt(g_sq)),
+            "scale": test.scale, "scale_ci": list(test.scale_ci),
+            "variance": float(c["var"]), "variance_ci": bootstrap_interval(b["var"]),
+            "batch_variance": float(c["var_b"]), "batch_variance_ci": bootstrap_interval(b["var_b"]),
+            "noise_to_signal": rel(float(c["var"])),
+            "test_statistic": test.statistic, "p_value": test.p_value, "alpha": alpha,
+            "rejects_unbiased": None if test.p_value is None else test.p_value < alpha,
+            "inconclusive": test.inconclusive, "test_inconclusive": test.p_value is None,
+            "trajectories_needed": test.trajectories_needed,
+            "test_level_error": test.level_error,
+            "test_method": "t-test of the batch estimates along grad J",
         }
         if ref is not None:
-            row["variance_ratio"] = float(c["var"] / ref["var"])
-            row["variance_ratio_ci"] = _ci(b["var"] / ref_boot["var"])
-            row["batch_variance_ratio"] = float(c["var_b"] / ref["var_b"])
+            row["variance_ratio"] = _ratio(float(c["var"]), float(ref["var"]))
+            row["variance_ratio_ci"] = bootstrap_interval(b["var"] / ref_boot["var"])
+            row["batch_variance_ratio"] = _ratio(float(c["var_b"]), float(ref["var_b"]))
         eff_var = m.batch_size * float(c["var_b"])  # per-trajectory-equivalent variance
         for target in (0.1, 0.01):
-            room = target - max(sq_bias_debiased, 0.0) / g_sq
-            need = eff_var / g_sq / room if room > 0 else (math.nan if math.isnan(room) else math.inf)
+            room = target - max(rel(sq_bias_debiased), 0.0)
+            need = rel(eff_var) / room if room > 0 else (math.nan if math.isnan(room) else math.inf)
             row[f"batch_size_for_rel_mse_{target:g}"] = need
         per_b = {}
         for k, acc in zip(m.factors, m.blocks, strict=True):

@@ -24,9 +24,9 @@ from ..core.stats import SUMS, ChunkIndex, Moments, block_factors, summarize
 from ..core.threads import intra_op_threads
 from .exact_table import ExactRow, agreement, exact_rows
 
-__all__ = ["MIN_BATCHES", "Measurement", "check_sizes", "measure"]
+__all__ = ["MIN_BATCHES", "Measurement", "check_sizes", "measure", "statistics"]
 
-MIN_BATCHES = 10  # the sign-flip test needs enough independent groups to reach small p-values
+MIN_BATCHES = 10  # the t-test and the bootstrap need enough independent batches and groups
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class Measurement:
     n_steps: int  # transitions sampled
     seconds: float
     exact: dict[str, ExactRow]  # estimator name -> exact moments and metrics
+    totals: dict[str, Moments]  # estimator name -> the accumulated sums (on the CPU)
 
 
 def check_sizes(n: int, batch_size: int, estimators) -> None:
@@ -114,17 +115,28 @@ def measure(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, n: int, ba
         finally:
             for future in pending:
                 future.cancel()
-    g = run.exact.grad
-    stats = summarize({k: _to_cpu(m) for k, m in totals.items()}, g.cpu(), seed=seed)
-    means = {k: (m.gsum.sum(0) / m.gn.sum()).cpu().numpy() for k, m in totals.items()}
+    totals = {k: _to_cpu(m) for k, m in totals.items()}
+    stats, means = statistics(totals, estimators, sol, exact, seed)
+    return Measurement(stats, means, steps, time.perf_counter() - started, exact, totals)
+
+
+def statistics(totals: dict[str, Moments], estimators, sol: ExactSolution,
+               exact: dict[str, ExactRow], seed: int = 0) -> tuple[dict[str, dict],
+                                                                     dict[str, np.ndarray]]:
+    """The statistics of accumulated sums (one rollout, or several seeds' sums merged), with
+    each estimator's claim, its exact block and the agreement of the two; and the mean
+    estimates [P]."""
+    g = sol.grad.detach().to(torch.float64).cpu()
+    stats = summarize(totals, g, seed=seed)
+    means = {k: (m.gsum.sum(0) / m.gn.sum()).numpy() for k, m in totals.items()}
     for est in estimators:
         row = stats[est.name]
         row["claims_unbiased"] = est.claims_unbiased(sol.gamma)
         row["condition"] = est.condition
         row["exact"] = exact[est.name].to_json()
-        row["agreement"] = agreement(exact[est.name], means[est.name], M, row["variance"],
-                                     row["variance_ci"])
-    return Measurement(stats, means, steps, time.perf_counter() - started, exact)
+        row["agreement"] = agreement(exact[est.name], means[est.name], row["n_batches"],
+                                     row["variance"], row["variance_ci"])
+    return stats, means
 
 
 @dataclass(frozen=True)

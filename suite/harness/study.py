@@ -19,22 +19,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import optuna
 from optuna.trial import TrialState
 
 import estimators
 
 from ..core.errors import InputError
+from ..core.metrics import by_name, verdict
 from ..core.sampler import resolve_device
 from ..core.stats import block_factors
 from .exact_table import exact_rows
-from .measure import check_sizes, measure
+from .measure import Measurement, check_sizes, measure, statistics
 from .problem import make_problem
 from .study_spec import Objective, Range, StudySpec, fill, load_study
 from .tracking import Tracker, environment_tags, flatten_stats, tracking_uri
 
-__all__ = ["StudyOutcome", "aggregate_seeds", "default_storage", "run_study"]
+__all__ = ["StudyOutcome", "default_storage", "pool_seeds", "run_study"]
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -132,49 +132,34 @@ def _suggest(trial: optuna.Trial, space: dict) -> dict:
     return params
 
 
-def aggregate_seeds(per_seed: list[dict[str, dict]], alpha: float = 0.05) -> dict[str, dict]:
-    """Statistics across seeds: means; with several seeds, t-intervals across seeds replace the
-    within-rollout intervals and Fisher's method combines the seeds' p-values."""
-    from scipy import stats as st
-
-    k = len(per_seed)
-    out = {}
-    for name in per_seed[0]:
-        rows = [s[name] for s in per_seed]
-        agg = {"n_seeds": k, "ci_resamples": "groups of batches" if k == 1 else "seeds"}
-        for key, value in rows[0].items():
-            if isinstance(value, bool) or key in ("rejects_unbiased",):
-                agg[key] = value if k == 1 else None
-            elif isinstance(value, int | float):
-                agg[key] = float(np.mean([r[key] for r in rows]))
-            elif key == "at_batch_size":
-                agg[key] = {b: {m: float(np.mean([r[key][b][m] for r in rows if b in r[key]]))
-                                for m in at} for b, at in value.items()}
-            else:
-                agg[key] = value
-        if k > 1:
-            tq = st.t.ppf(0.975, k - 1)
-            for point, ci in (("rel_bias", "rel_bias_ci"), ("variance", "variance_ci"),
-                              ("variance_ratio", "variance_ratio_ci")):
-                if point in agg:
-                    vals = np.array([r[point] for r in rows])
-                    half = tq * vals.std(ddof=1) / math.sqrt(k)
-                    agg[ci] = [max(float(vals.mean() - half), 0.0), float(vals.mean() + half)]
-            ps = np.clip([r["p_value"] for r in rows], 1e-300, 1.0)
-            agg["p_value"] = float(st.chi2.sf(-2 * np.log(ps).sum(), 2 * k))
-            agg["rejects_unbiased"] = agg["p_value"] < alpha
-            agg["claims_unbiased"] = rows[0]["claims_unbiased"]
-        out[name] = agg
-    return out
+def pool_seeds(results: list[Measurement], estimators, sol, exact) -> dict[str, dict]:
+    """One set of statistics from several seeds' rollouts of a condition: their sums are added
+    (the seeds' batches are independent), so there is one test and one interval per estimator."""
+    totals = {}
+    for name in results[0].totals:
+        pooled = results[0].totals[name].empty_like()
+        for r in results:
+            pooled.merge(r.totals[name])
+        totals[name] = pooled
+    stats, _ = statistics(totals, estimators, sol, exact, seed=0)
+    for row in stats.values():
+        row["n_seeds"] = len(results)
+        row["ci_resamples"] = ("groups of batches" if len(results) == 1
+                               else f"groups of batches, {len(results)} seeds pooled")
+    return stats
 
 
 def objective_value(obj: Objective, agg: dict[str, dict], params: dict, batch_size: int) -> float:
     row = agg[fill(obj.estimator, params)]
-    if obj.metric == "variance_ratio" and obj.baseline != "reinforce":
-        return row["variance"] / agg[fill(obj.baseline, params)]["variance"]
-    if obj.metric in ("rel_mse", "cosine", "sign_agreement"):
-        return row["at_batch_size"][batch_size][obj.metric]
-    return float(row[obj.metric])
+    metric = by_name(obj.metric)
+    if metric.name in ("variance_ratio", "exact_variance_ratio") and obj.baseline != "reinforce":
+        other = agg[fill(obj.baseline, params)]
+        variance = by_name(metric.name.replace("_ratio", ""))
+        return variance.read(row) / variance.read(other)
+    value = metric.read(row)
+    if metric.per_batch_size:
+        value = (value or {}).get(batch_size)
+    return math.nan if value is None else float(value)
 
 
 def run_trial(spec: StudySpec, trial: optuna.Trial, tracker: Tracker, parent: str,
@@ -194,33 +179,35 @@ def run_trial(spec: StudySpec, trial: optuna.Trial, tracker: Tracker, parent: st
     run = tracker.start(f"trial {trial.number}: {cond['env']} | {cond['policy']} | gamma "
                         f"{cond['gamma']:g} | H {cond['horizon']}", parent,
                         tags={"kind": "condition", "trial": trial.number, "study": spec.name},
-                        params={**cond, **free, "seeds": list(spec.seeds),
+                        params={**cond, **free, "seeds": list(spec.seeds_for(params)),
                                 "n_params": policy.n_params})
     open_runs.append(run)
     trial.set_user_attr("mlflow_run_id", run)
     started = time.perf_counter()
-    per_seed, steps = [], 0
+    results = []
     M = cond["trajectories"] // cond["batch_size"]
     exact = exact_rows(mdp, policy, sol, chosen, cond["batch_size"],
                        tuple(block_factors(M, cond["batch_size"])))
-    for seed in spec.seeds:
-        m = measure(mdp, policy, sol, chosen, cond["trajectories"], cond["batch_size"], seed,
-                    spec.device, exact=exact)
-        per_seed.append(m.stats)
-        steps += m.n_steps
-    agg = aggregate_seeds(per_seed)
+    for seed in spec.seeds_for(params):
+        results.append(measure(mdp, policy, sol, chosen, cond["trajectories"], cond["batch_size"],
+                               seed, spec.device, exact=exact))
+    steps = sum(r.n_steps for r in results)
+    agg = pool_seeds(results, chosen, sol, exact)
     for est in chosen:
         row = agg[est.name]
         est_run = tracker.start(est.name, run, tags={"kind": "estimator", "study": spec.name,
                                                      "trial": trial.number},
                                 params={**cond, **free, "estimator": est.name,
                                         "claims_unbiased": row["claims_unbiased"],
-                                        "seeds": len(spec.seeds)})
+                                        "seeds": len(spec.seeds_for(params))})
         open_runs.append(est_run)
         tracker.log(est_run, flatten_stats(row))
         tracker.end(est_run)
         open_runs.pop()
-    violations = sum(bool(r["rejects_unbiased"]) == bool(r["claims_unbiased"]) for r in agg.values())
+    verdicts = {n: verdict(r["exact"].get("rel_bias"), r["rejects_unbiased"])[0]
+                for n, r in agg.items()}
+    violations = sum((v == "biased") == bool(agg[n]["claims_unbiased"])
+                     for n, v in verdicts.items() if v != "inconclusive")
     values = ([objective_value(o, agg, params, cond["batch_size"]) for o in spec.objectives]
               or [float(violations)])
     metrics = {"exact/J": sol.J, "exact/grad_norm": sol.grad_norm, "run/seconds":
@@ -228,7 +215,8 @@ def run_trial(spec: StudySpec, trial: optuna.Trial, tracker: Tracker, parent: st
     metrics.update({f"objective/{i}": v for i, v in enumerate(values)})
     tracker.log(run, metrics)
     tracker.log_json(run, {"condition": cond, "params": params, "J": sol.J,
-                           "grad_norm": sol.grad_norm, "aggregate": agg, "per_seed": per_seed},
+                           "grad_norm": sol.grad_norm, "aggregate": agg,
+                           "per_seed": [r.stats for r in results]},
                      "stats.json")
     tracker.end(run)
     open_runs.pop()

@@ -1,8 +1,10 @@
 """Study files: TOML data describing the conditions to explore. Loaded and validated here.
 
     [study]       name, description, sampler, trials, seeds, device, estimators
-    [space]       searched parameters: a list (choices) or a table {low, high, log, int}
+    [space]       searched parameters: a list (choices) or a table {low, high, log, int};
+                  `seed = [0, 1, ...]` makes each seed a trial of its own
     [fixed]       condition values that do not vary; strings may use {param} templates
+    [[cases]]     condition values that vary together (each case a table); a grid runs each
     [[objectives]]  metric, estimator, (baseline), direction   -- searches only
 
 See docs/studies.md for the schema. Every error names the file, the key, the rule and the value.
@@ -22,6 +24,7 @@ import estimators as registry
 
 from ..core.envs import make_mdp
 from ..core.errors import InputError, did_you_mean
+from ..core.metrics import METRICS as TABLE
 from ..core.specs import parse_spec
 from .problem import POLICY_KINDS
 
@@ -32,11 +35,8 @@ CONDITION_KEYS = ("env", "policy", "gamma", "horizon", "trajectories", "batch_si
 DEFAULTS = {"policy": "uniform", "trajectories": 10_000, "batch_size": 10}
 STUDY_KEYS = ("name", "description", "sampler", "trials", "seeds", "device", "estimators")
 OBJECTIVE_KEYS = ("metric", "estimator", "baseline", "direction")
-METRICS = (  # per-estimator metrics an objective may name (see docs/metrics.md)
-    "rel_bias", "rel_bias_plugin", "rel_sq_bias_debiased", "variance", "batch_variance",
-    "noise_to_signal", "variance_ratio", "p_value", "rel_mse", "cosine", "sign_agreement",
-    "batch_size_for_rel_mse_0.1", "batch_size_for_rel_mse_0.01",
-)
+# per-estimator metrics an objective may name: those of the metric table with a direction
+METRICS = tuple(m.name for m in TABLE if m.direction is not None)
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -70,6 +70,7 @@ class StudySpec:
     space: dict[str, list | Range]  # parameter -> choices or range
     fixed: dict[str, object]  # condition key -> value (strings may use templates)
     objectives: tuple[Objective, ...] = ()
+    cases: tuple[dict, ...] = ()  # condition values that vary together; space["case"] indexes
     description: str = ""
     text: str = field(default="", repr=False)  # the file, verbatim
 
@@ -85,12 +86,19 @@ class StudySpec:
         return points
 
     def condition(self, params: dict) -> dict:
-        """The condition of a trial: fixed values with templates filled, plus the space."""
+        """The condition of a trial: the space's values, else the trial's case, else the fixed
+        values (templates filled), else the defaults."""
+        case = self.cases[params["case"]] if self.cases else {}
         out = {}
         for key in CONDITION_KEYS:
-            value = params[key] if key in params else self.fixed.get(key, DEFAULTS.get(key))
+            value = params[key] if key in params else case.get(
+                key, self.fixed.get(key, DEFAULTS.get(key)))
             out[key] = fill(value, params)
         return out
+
+    def seeds_for(self, params: dict) -> tuple[int, ...]:
+        """The trial's seeds: its own when the space has a seed parameter, else the study's."""
+        return (int(params["seed"]),) if "seed" in params else self.seeds
 
     def estimator_names(self, params: dict) -> list[str] | str:
         if self.estimators == "all":
@@ -131,7 +139,7 @@ def load_study(path: str | Path) -> StudySpec:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"{path}: not valid TOML ({exc})") from None
-    _check_keys(path, "", data, ("study", "space", "fixed", "objectives"))
+    _check_keys(path, "", data, ("study", "space", "fixed", "objectives", "cases"))
     study = data.get("study")
     if not isinstance(study, dict):
         raise InputError(f"{path}: missing table [study] (with at least name = \"...\")")
@@ -170,12 +178,23 @@ def load_study(path: str | Path) -> StudySpec:
     if not isinstance(fixed, dict):
         raise _fail(path, "fixed", "must be a table", fixed)
     _check_keys(path, "fixed.", fixed, CONDITION_KEYS)
+    cases = _load_cases(path, data.get("cases", []), space, fixed)
+    if cases:
+        if "case" in space:
+            raise _fail(path, "space.case", "is the index of [[cases]]; rename the parameter",
+                        space["case"])
+        space = {**space, "case": list(range(len(cases)))}
+    if "seed" in space and (not isinstance(space["seed"], list) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in space["seed"])):
+        raise _fail(path, "space.seed", "must be a list of integers >= 0 (one trial per seed)",
+                    space["seed"])
     for key in CONDITION_KEYS:
         if key in space and key in fixed:
             raise InputError(f"{path}: '{key}' is both in [space] and [fixed]; keep one")
-        if key not in space and key not in fixed and key not in DEFAULTS:
-            raise InputError(f"{path}: '{key}' is not given; put it in [fixed] (one value) or "
-                             f"[space] (values to explore)")
+        in_cases = bool(cases) and all(key in c for c in cases)
+        if key not in space and key not in fixed and key not in DEFAULTS and not in_cases:
+            raise InputError(f"{path}: '{key}' is not given; put it in [fixed] (one value), "
+                             f"[space] (values to explore) or every [[cases]] table")
     for key, value in fixed.items():
         _check_value(path, f"fixed.{key}", key, value)
     for key, values in space.items():
@@ -185,7 +204,7 @@ def load_study(path: str | Path) -> StudySpec:
         elif key in CONDITION_KEYS and key in ("env", "policy"):
             raise _fail(path, f"space.{key}", "must be a list of choices", values)
     objectives = _load_objectives(path, data.get("objectives", []), sampler)
-    free = [k for k in space if k not in CONDITION_KEYS]
+    free = [k for k in space if k not in CONDITION_KEYS and k not in ("case", "seed")]
     templated = [v for v in [*fixed.values(), *(estimators if estimators != "all" else []),
                              *(o.estimator for o in objectives)] if isinstance(v, str)]
     templated += [v for vs in space.values() if isinstance(vs, list) for v in vs
@@ -199,19 +218,37 @@ def load_study(path: str | Path) -> StudySpec:
         if f not in used:
             raise InputError(f"{path}: space.{f}: a parameter that is neither a condition key "
                              f"({', '.join(CONDITION_KEYS)}) nor used as {{{f}}} in a template")
-    _check_names(path, fixed, space, estimators, objectives)
+    _check_names(path, fixed, space, estimators, objectives, cases)
     return StudySpec(name=name, path=path, sampler=sampler, trials=trials, seeds=tuple(seeds),
                      device=device, estimators=estimators if estimators == "all" else tuple(estimators),
-                     space=space, fixed=fixed, objectives=objectives,
+                     space=space, fixed=fixed, objectives=objectives, cases=cases,
                      description=str(study.get("description", "")), text=text)
 
 
-def _check_names(path: Path, fixed: dict, space: dict, estimators, objectives) -> None:
+def _load_cases(path: Path, cases, space: dict, fixed: dict) -> tuple[dict, ...]:
+    """[[cases]]: tables of condition values that vary together."""
+    if not isinstance(cases, list) or not all(isinstance(c, dict) and c for c in cases):
+        raise _fail(path, "cases", "must be an array of non-empty tables ([[cases]])", cases)
+    for i, case in enumerate(cases):
+        _check_keys(path, f"cases[{i}].", case, CONDITION_KEYS)
+        for key, value in case.items():
+            if key in space or key in fixed:
+                raise InputError(f"{path}: '{key}' is both in [[cases]] and "
+                                 f"[{'space' if key in space else 'fixed'}]; keep one")
+            _check_value(path, f"cases[{i}].{key}", key, value)
+    if len({repr(sorted(c.items())) for c in cases}) != len(cases):
+        raise _fail(path, "cases", "must be distinct", cases)
+    return tuple(cases)
+
+
+def _check_names(path: Path, fixed: dict, space: dict, estimators, objectives,
+                 cases: tuple[dict, ...] = ()) -> None:
     """Environments, policy kinds and estimators without templates must exist."""
     def values(key):
         if key in fixed:
             return [(f"fixed.{key}", fixed[key])]
-        return [(f"space.{key}", v) for v in space.get(key, []) if isinstance(space[key], list)]
+        return ([(f"space.{key}", v) for v in space.get(key, []) if isinstance(space[key], list)]
+                + [(f"cases[{i}].{key}", c[key]) for i, c in enumerate(cases) if key in c])
 
     for where, env in values("env"):
         if "{" not in env:

@@ -2,46 +2,24 @@
 per condition and per estimator. Everything goes through MlflowClient, so several processes can
 log to the same store.
 
-Metric keys are namespaced: ``bias/rel``, ``variance/trajectory``, ``test/p_value``, ...
-(``METRIC_KEYS`` maps each to the statistic it holds; docs/metrics.md explains them).
+Metric keys are namespaced: ``bias/rel``, ``variance/trajectory``, ``test/p_value``,
+``exact/variance``, ... (``suite.core.metrics.METRICS`` defines each; docs/metrics.md explains
+them).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import subprocess
 from pathlib import Path
 
-__all__ = ["METRIC_KEYS", "Tracker", "tracking_uri"]
+from ..core.metrics import flatten
+
+__all__ = ["Tracker", "flatten_stats", "tracking_uri"]
 
 DEFAULT_URI = "sqlite:///mlflow.db"
-
-# MLflow metric key -> key of an estimator's statistics (suite.core.stats.summarize)
-METRIC_KEYS = {
-    "bias/rel": "rel_bias",
-    "bias/rel_ci_low": ("rel_bias_ci", 0),
-    "bias/rel_ci_high": ("rel_bias_ci", 1),
-    "bias/rel_plugin": "rel_bias_plugin",
-    "bias/rel_noise_floor": "rel_bias_noise_floor",
-    "bias/rel_sq_debiased": "rel_sq_bias_debiased",
-    "variance/trajectory": "variance",
-    "variance/trajectory_ci_low": ("variance_ci", 0),
-    "variance/trajectory_ci_high": ("variance_ci", 1),
-    "variance/batch": "batch_variance",
-    "variance/noise_to_signal": "noise_to_signal",
-    "variance/ratio_vs_reinforce": "variance_ratio",
-    "variance/ratio_vs_reinforce_ci_low": ("variance_ratio_ci", 0),
-    "variance/ratio_vs_reinforce_ci_high": ("variance_ratio_ci", 1),
-    "test/p_value": "p_value",
-    "test/statistic": "test_statistic",
-    "test/rejects_unbiased": "rejects_unbiased",
-    "samples/batch_size_for_rel_mse_0.1": "batch_size_for_rel_mse_0.1",
-    "samples/batch_size_for_rel_mse_0.01": "batch_size_for_rel_mse_0.01",
-}
-
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
@@ -67,32 +45,8 @@ def environment_tags(device: str) -> dict[str, str]:
 
 
 def flatten_stats(row: dict) -> dict[str, float]:
-    """MLflow metrics of one estimator's statistics (finite numbers only)."""
-    out = {}
-    for key, src in METRIC_KEYS.items():
-        value = row.get(src) if isinstance(src, str) else (row.get(src[0]) or [None, None])[src[1]]
-        if isinstance(value, bool):
-            value = float(value)
-        if isinstance(value, int | float) and math.isfinite(value):
-            out[key] = float(value)
-    for size, at in row.get("at_batch_size", {}).items():
-        for name in ("rel_mse", "cosine", "sign_agreement"):
-            if math.isfinite(at[name]):
-                out[f"batch/{name}_at_{size}"] = float(at[name])
-    exact = row.get("exact", {})
-    if exact.get("exact"):
-        for key, value in exact.items():
-            if isinstance(value, int | float) and not isinstance(value, bool) \
-                    and math.isfinite(value):
-                out[f"exact/{key}"] = float(value)
-        for size, value in exact.get("rel_mse_at_batch_size", {}).items():
-            if value is not None and math.isfinite(value):
-                out[f"exact/rel_mse_at_{size}"] = float(value)
-    agree = row.get("agreement", {})
-    for key in ("z", "p_value", "variance_ratio"):
-        if key in agree and math.isfinite(agree[key]):
-            out[f"agreement/{key}"] = float(agree[key])
-    return out
+    """MLflow metrics of one estimator's statistics (suite.core.metrics.flatten)."""
+    return flatten(row)
 
 
 class _Retrying:
