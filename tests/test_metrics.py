@@ -36,7 +36,7 @@ def test_every_key_of_a_stats_row_is_defined(stats):
     for name, row in stats.items():
         undefined = set(row) - _defined(None) - set(ROW_FIELDS)
         assert not undefined, f"{name}: keys the metric table does not define: {undefined}"
-        for b, at in row["at_batch_size"].items():
+        for at in row["at_batch_size"].values():
             assert set(at) - _defined("at_batch_size") <= {"rel_mse_se", "cosine_se", "n_blocks"}
         exact = row["exact"]
         assert set(exact) - _defined("exact") <= {"exact", "reason"}, name
