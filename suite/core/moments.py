@@ -570,15 +570,23 @@ class _Lags:
         return N
 
 
-def _ahead(lag: Tensor, E: Tensor, t: int, weights: Tensor | None = None) -> Tensor:
-    """sum_{u=t+1}^{H-1} w_{u-t-1} lag[u-t-1] E[u] for lag [H, S, A, K], E [H, S, A] -> [S, A, K]."""
-    L = E.shape[0] - t - 1
-    if L <= 0:
-        return torch.zeros(lag.shape[1:], dtype=lag.dtype)
-    terms = lag[:L] * E[t + 1:, :, :, None]
-    if weights is not None:
-        terms = terms * weights[:L, None, None, None]
-    return terms.sum(0)
+def _ahead(lag: Tensor, E: Tensor, weights: Tensor | None = None) -> Tensor:
+    """For every t at once: sum_{u=t+1}^{H-1} w_{u-t-1} lag[u-t-1] E[u], for lag [H, S, A, K]
+    and E [H, S, A] -> [H, S, A, K] (one vectorised pass per lag)."""
+    H = E.shape[0]
+    out = torch.zeros((H, *lag.shape[1:]), dtype=lag.dtype)
+    for l in range(H - 1):
+        term = lag[l] * E[l + 1:, :, :, None]
+        out[: H - 1 - l] += term if weights is None else weights[l] * term
+    return out
+
+
+def _backward_scalar(model: MomentModel, local: Tensor) -> Tensor:
+    """v(t, s) = local[t, s] + E[v(t+1, s') | s] (0 after termination and at H): v(0) [S]."""
+    v = torch.zeros(model.S, dtype=torch.float64)
+    for t in reversed(range(model.H)):
+        v = local[t] + model.expect(model.nxt(v))
+    return v
 
 
 def _block(model: MomentModel, q: Tensor) -> Tensor:
@@ -600,82 +608,91 @@ def _homogeneous(y: Tensor) -> Tensor | None:
 
 
 def _weighting_lag(model: MomentModel, form: Weighting, lags: _Lags) -> tuple[Tensor, float]:
+    """Three passes: the local tables backward (mY, mY2 and the row-s sources e1, e2), the
+    blocks of h1, h2 at the successors for every t at once (lags), then h0 backward."""
     H, S, beta, o = model.H, model.S, float(form.beta), float(form.o)
-    A = model.pi.shape[1]
+    A, K = model.pi.shape[1], model.next_state.shape[2]
     sq = model.score.sq_norm()[:, :, None]
-    powers = beta ** torch.arange(H, dtype=torch.float64)
-    N = lags.path(_homogeneous(form.y).expand_as(model.w).contiguous(), beta) if beta else None
     mY = torch.zeros(S, dtype=torch.float64)
     mY2 = torch.zeros(S, dtype=torch.float64)
-    h0 = torch.zeros(S, dtype=torch.float64)
     E1 = torch.zeros(H, S, A, dtype=torch.float64)
     E2 = torch.zeros(H, S, A, dtype=torch.float64)
+    c_all = torch.zeros(H, S, A, K, dtype=torch.float64)
+    local = torch.zeros(H, S, dtype=torch.float64)  # sum_{a,k} w |psi|^2 o^2t E[(X/o^t)^2]
     mean = torch.zeros(S, A, dtype=torch.float64)
     for t in reversed(range(H)):
         ot = o**t
         y = _at(form.y, t).expand_as(model.w)
         c = y - (0.0 if form.baseline is None else form.baseline[t][:, None, None])
+        c_all[t] = c
         mYn, mY2n = model.nxt(mY), model.nxt(mY2)
-        first = c + beta * mYn
-        second = c * c + 2 * beta * c * mYn + beta**2 * mY2n
-        cross = c * _ahead(lags.M, E1, t)
-        if beta:
-            cross = cross + beta * (_ahead(N, E1, t) + _ahead(lags.M, E2, t, powers))
-            blk2 = ot * _block(model, (model.w * (c * y + beta * (c + y) * mYn
-                                                  + beta**2 * mY2n)).sum(-1))
-            E2[t] = _dot(model, blk2)
-        h0 = model.expect(sq * ot * ot * second + 2 * ot * cross) + model.expect(model.nxt(h0))
-        blk1 = ot * _block(model, (model.w * first).sum(-1))
+        local[t] = model.expect(sq * ot * ot * (c * c + 2 * beta * c * mYn + beta**2 * mY2n))
+        blk1 = ot * _block(model, (model.w * (c + beta * mYn)).sum(-1))
         E1[t] = _dot(model, blk1)
         mean += model.d[t][:, None] * blk1
         if beta:
+            E2[t] = _dot(model, ot * _block(model, (model.w * (
+                c * y + beta * (c + y) * mYn + beta**2 * mY2n)).sum(-1)))
             mY, mY2 = (model.expect(y + beta * mYn),
                        model.expect(y * y + 2 * beta * y * mYn + beta**2 * mY2n))
-    return mean.reshape(-1), float(model.rho0 @ h0)
+    cross = c_all * _ahead(lags.M, E1)  # c psi . h1(t+1, s')
+    if beta:
+        N = lags.path(_homogeneous(form.y).expand_as(model.w).contiguous(), beta)
+        powers = beta ** torch.arange(H, dtype=torch.float64)
+        cross += beta * (_ahead(N, E1) + _ahead(lags.M, E2, powers))  # beta psi . h2(t+1, s')
+    ot = o ** torch.arange(H, dtype=torch.float64)
+    local += 2 * ot[:, None] * (model.w * cross).sum((2, 3))
+    return mean.reshape(-1), float(model.rho0 @ _backward_scalar(model, local))
 
 
 def _reinforce_lag(model: MomentModel, lags: _Lags) -> tuple[Tensor, float]:
+    """Passes as in _weighting_lag: m0, m1 and the row-s sources of v2, v3 backward; psi . v2,
+    psi . v3 at the successors for every t (lags); then n0, n1, n2 backward."""
     H, S, gamma = model.H, model.S, model.gamma
-    A = model.pi.shape[1]
+    A, K = model.pi.shape[1], model.next_state.shape[2]
     sq = model.score.sq_norm()[:, :, None]
     r = model.reward[0].expand_as(model.w).contiguous()
     pw = gamma ** torch.arange(H, dtype=torch.float64)
-    N = lags.path(r, gamma)
-    z = lambda: torch.zeros(S, dtype=torch.float64)  # noqa: E731
-    m0, m1, n0, n1, n2 = z(), z(), z(), z(), z()
+    m0 = torch.zeros(S, dtype=torch.float64)
+    m1 = torch.zeros(S, dtype=torch.float64)
     EV2 = torch.zeros(H, S, A, dtype=torch.float64)
     EV3 = torch.zeros(H, S, A, dtype=torch.float64)
+    G1 = torch.zeros(H, S, A, K, dtype=torch.float64)
+    G2 = torch.zeros(H, S, A, K, dtype=torch.float64)
     mean = torch.zeros(S, A, dtype=torch.float64)
     for t in reversed(range(H)):
         m0n, m1n = model.nxt(m0), model.nxt(m1)
-        g1 = r + gamma * m0n
-        g2 = r * r + 2 * gamma * r * m0n + gamma**2 * m1n
-        dv2 = _ahead(lags.M, EV2, t, pw)  # psi . v2(t+1, s')
-        dv3 = 2 * _ahead(N, EV2, t, pw) + _ahead(lags.M, EV3, t, pw**2)
-        n0n, n1n, n2n = model.nxt(n0), model.nxt(n1), model.nxt(n2)
-        n2 = model.expect(sq * g2 + 2 * (2 * gamma * r * dv2 + gamma**2 * dv3) + r * r * n0n
-                          + 2 * gamma * r * n1n + gamma**2 * n2n)
-        n1 = model.expect(sq * g1 + 2 * gamma * dv2 + r * n0n + gamma * n1n)
-        n0 = model.expect(sq + n0n)
+        G1[t] = g1 = r + gamma * m0n
+        G2[t] = g2 = r * r + 2 * gamma * r * m0n + gamma**2 * m1n
         blk2 = _block(model, (model.w * g1).sum(-1))
         EV2[t] = _dot(model, blk2)
         EV3[t] = _dot(model, _block(model, (model.w * g2).sum(-1)))
         mean += pw[t] * model.d[t][:, None] * blk2
         m0, m1 = model.expect(g1), model.expect(g2)
+    dv2 = _ahead(lags.M, EV2, pw)  # psi . v2(t+1, s')
+    dv3 = 2 * _ahead(lags.path(r, gamma), EV2, pw) + _ahead(lags.M, EV3, pw**2)
+    z = lambda: torch.zeros(S, dtype=torch.float64)  # noqa: E731
+    n0, n1, n2 = z(), z(), z()
+    for t in reversed(range(H)):
+        n0n, n1n, n2n = model.nxt(n0), model.nxt(n1), model.nxt(n2)
+        n2 = model.expect(sq * G2[t] + 2 * (2 * gamma * r * dv2[t] + gamma**2 * dv3[t])
+                          + r * r * n0n + 2 * gamma * r * n1n + gamma**2 * n2n)
+        n1 = model.expect(sq * G1[t] + 2 * gamma * dv2[t] + r * n0n + gamma * n1n)
+        n0 = model.expect(sq + n0n)
     return mean.reshape(-1), float(model.rho0 @ n2)
 
 
 def _all_action_lag(model: MomentModel, form: AllAction, lags: _Lags) -> tuple[Tensor, float]:
-    H, S = model.H, model.S
+    H = model.H
     pw = model.gamma ** torch.arange(H, dtype=torch.float64)
     phi = torch.stack([pw[t] * _block(model, model.pi * form.critic[t]) for t in range(H)])
-    F0 = torch.zeros(S, dtype=torch.float64)
-    for t in reversed(range(H)):
-        dots = (phi[t] * phi).sum(-1)  # [H, S]: phi_t(s) . phi_u(s)
-        ahead = _ahead(lags.M, dots[:, :, None].expand(H, S, model.pi.shape[1]), t)
-        F0 = (phi[t] ** 2).sum(1) + 2 * model.expect(ahead) + model.expect(model.nxt(F0))
+    local = (phi**2).sum(-1)  # [H, S]
+    for t in range(H - 1):  # 2 phi_t . E[F1(t+1, s') | s], F1's row-s block from the lags
+        dots = (phi[t] * phi[t + 1:]).sum(-1)  # [H-t-1, S]: phi_t(s) . phi_u(s)
+        ahead = (lags.M[: H - t - 1] * dots[:, :, None, None]).sum(0)  # [S, A, K]
+        local[t] += 2 * model.expect(ahead)
     mean = (model.d[:, :, None] * phi).sum(0)
-    return mean.reshape(-1), float(model.rho0 @ F0)
+    return mean.reshape(-1), float(model.rho0 @ _backward_scalar(model, local))
 
 
 def _cross_lag(model: MomentModel, blocks: Tensor) -> float:

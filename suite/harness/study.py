@@ -29,7 +29,7 @@ from ..core.metrics import by_name, verdict
 from ..core.sampler import resolve_device
 from ..core.stats import block_factors
 from .exact_table import exact_rows
-from .measure import Measurement, check_sizes, measure, statistics
+from .measure import MIN_BATCHES, Measurement, check_sizes, measure, statistics
 from .problem import make_problem
 from .study_spec import Objective, Range, StudySpec, fill, load_study
 from .tracking import Tracker, environment_tags, flatten_stats, tracking_uri
@@ -132,6 +132,14 @@ def _suggest(trial: optuna.Trial, space: dict) -> dict:
     return params
 
 
+def exact_only(estimators, sol, exact) -> dict[str, dict]:
+    """Rows for a condition with no sampling (trajectories = 0): the claim and the exact block;
+    an estimator without exact moments has no numbers here."""
+    return {e.name: {"claims_unbiased": e.claims_unbiased(sol.gamma), "condition": e.condition,
+                     "rejects_unbiased": None, "exact": exact[e.name].to_json(), "agreement": {}}
+            for e in estimators}
+
+
 def pool_seeds(results: list[Measurement], estimators, sol, exact) -> dict[str, dict]:
     """One set of statistics from several seeds' rollouts of a condition: their sums are added
     (the seeds' batches are independent), so there is one test and one interval per estimator."""
@@ -172,7 +180,11 @@ def run_trial(spec: StudySpec, trial: optuna.Trial, tracker: Tracker, parent: st
     chosen = estimators.resolve(names)
     extra = [fill(o.baseline, params) for o in spec.objectives]
     chosen += [estimators.get(n) for n in extra if n not in {e.name for e in chosen}]
-    check_sizes(cond["trajectories"], cond["batch_size"], chosen)
+    sampled = cond["trajectories"] > 0  # 0: exact moments only
+    if sampled:
+        check_sizes(cond["trajectories"], cond["batch_size"], chosen)
+    elif cond["batch_size"] < 2 and any(e.needs_batch for e in chosen):
+        check_sizes(cond["batch_size"] * MIN_BATCHES, cond["batch_size"], chosen)  # the B rule
     problem = make_problem(cond["env"], cond["policy"], cond["gamma"], cond["horizon"], cache=True)
     mdp, policy, sol = problem.mdp, problem.policy, problem.solution
     free = {k: v for k, v in params.items() if k not in cond}
@@ -187,12 +199,13 @@ def run_trial(spec: StudySpec, trial: optuna.Trial, tracker: Tracker, parent: st
     results = []
     M = cond["trajectories"] // cond["batch_size"]
     exact = exact_rows(mdp, policy, sol, chosen, cond["batch_size"],
-                       tuple(block_factors(M, cond["batch_size"])))
-    for seed in spec.seeds_for(params):
+                       tuple(block_factors(M, cond["batch_size"])) if sampled else (1,),
+                       directions=sampled)
+    for seed in spec.seeds_for(params) if sampled else ():
         results.append(measure(mdp, policy, sol, chosen, cond["trajectories"], cond["batch_size"],
                                seed, spec.device, exact=exact))
     steps = sum(r.n_steps for r in results)
-    agg = pool_seeds(results, chosen, sol, exact)
+    agg = pool_seeds(results, chosen, sol, exact) if sampled else exact_only(chosen, sol, exact)
     for est in chosen:
         row = agg[est.name]
         est_run = tracker.start(est.name, run, tags={"kind": "estimator", "study": spec.name,

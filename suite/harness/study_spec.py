@@ -308,6 +308,10 @@ def _check_value(path: Path, where: str, key: str, value) -> None:
     elif key == "gamma":
         if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value <= 1:
             raise _fail(path, where, "must be a number in [0, 1]", value)
+    elif key == "trajectories":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise _fail(path, where, "must be an integer >= 0 (0: exact moments only, no "
+                        "sampling)", value)
     else:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise _fail(path, where, "must be an integer >= 1", value)
