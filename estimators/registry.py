@@ -116,7 +116,11 @@ def register(name: str, *, formula: str, reference: str, unbiased: bool | Callab
     def deco(fn):
         if name in REGISTRY:
             raise ValueError(f"estimator {name!r} is registered twice")
-        bound = (lambda ctx, _fn=fn, _p=params: _fn(ctx, **_p)) if params else fn
+        bound = fn
+        if params:
+            def bound(ctx, _fn=fn, _p=params):
+                return _fn(ctx, **_p)
+            bound.__doc__, bound.__wrapped__ = fn.__doc__, fn  # its docs are the function's
         REGISTRY[name] = Estimator(name, bound, kind, formula, reference, predicate, condition,
                                    needs_batch, dict(params), exact, no_exact)
         return fn

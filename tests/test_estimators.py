@@ -111,10 +111,19 @@ def test_registry_lookup_errors_and_specs():
 
 
 def test_every_entry_documents_itself():
+    """Formula, claim and source in the registry, a docstring on its function, and its row in
+    docs/estimators.md saying the same (a missing or stale row fails)."""
+    import inspect
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "estimators.md").read_text()
     for name in estimators.names():
         est = estimators.get(name)
-        assert est.formula and est.reference and est.condition
-        assert est.fn.__doc__ or getattr(est.fn, "__wrapped__", None) or est.params, name
+        assert est.formula and est.reference and est.condition, name
+        assert inspect.getdoc(est.fn), f"{name}: its function has no docstring"
+        row = f"| `{name}` | {est.formula} | {est.condition} | {est.reference} |"
+        assert row.replace("|", "").strip() and row in text, \
+            f"docs/estimators.md lacks the row of {name} (or it is stale): {row}"
 
 
 def test_single_step_draws_match_their_expectation():
