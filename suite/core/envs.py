@@ -3,7 +3,8 @@
 ``make_mdp(spec)`` takes one string:
 
 * a gymnasium id with optional keyword arguments: ``FrozenLake-v1:map_name=8x8,is_slippery=false``
-* a generator spec: ``garnet:S=20,A=4,branching=3,seed=0`` or ``chain:n=10,slip=0.1``
+* a generator spec: ``garnet:S=20,A=4,branching=3,seed=0``, ``chain:n=10,slip=0.1`` or the
+  token-level LLM task ``tokens:vocab=3,max_len=6,prompts=4,seed=0`` (``suite.core.tokens``)
 * a path to an ``.npz`` file with P [S,A,S'], R [S,A,S'] or [S,A], rho0 [S], optional terminated
 """
 
@@ -20,6 +21,7 @@ import torch
 from .errors import InputError, did_you_mean, unknown_name
 from .mdp import MDP
 from .specs import parse_spec
+from .tokens import tokens
 
 __all__ = ["TOY_TEXT_IDS", "available_envs", "chain", "from_gymnasium", "garnet", "load_npz",
            "make_mdp"]
@@ -194,7 +196,7 @@ def load_npz(path: str) -> MDP:
                name=os.path.basename(path))
 
 
-GENERATORS: dict[str, Callable[..., MDP]] = {"garnet": garnet, "chain": chain}
+GENERATORS: dict[str, Callable[..., MDP]] = {"garnet": garnet, "chain": chain, "tokens": tokens}
 
 
 def make_mdp(spec: str) -> MDP:
