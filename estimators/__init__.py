@@ -6,7 +6,7 @@ reference=...)``; the registry-wide tests then prove its claim by exact enumerat
 """
 
 from . import returns  # noqa: F401, I001  (first: reinforce leads the registry)
-from . import baselines, critics, final_formula  # noqa: F401  (populate the registry)
+from . import baselines, critics, final_formula, groups  # noqa: F401  (populate the registry)
 from .context import Context
 from .registry import REGISTRY, Estimator, get, names, register, resolve
 

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from suite.core.contraction import Contraction, Grads
 from suite.core.exact import ExactSolution
+from suite.core.mdp import MDP
 from suite.core.sampler import Batch
 
 __all__ = ["Context"]
@@ -24,6 +25,7 @@ class Context:
     contraction: Contraction  # indexed for this batch (contraction.for_batch(batch))
     batch_size: int  # B: trajectories i and j share a batch iff i // B == j // B
     generator: torch.Generator | None = None  # the estimators' own randomness
+    mdp: MDP | None = None  # the model, for estimators that roll out more (remax's greedy baseline)
 
     @cached_property
     def cache(self) -> dict:

@@ -68,12 +68,18 @@ def gae(ctx: Context, lam: float, critic: str = "exact", sigma: float = 0.0, see
     Unbiased with the exact critic for every lambda (E[delta_t | s_t, a_t] = A_t and later deltas
     have mean 0), and for any critic at lambda = 1 (the sum telescopes to G_t - V(t, s_t)).
     """
+    return ctx.discount * gae_advantages(ctx, lam, critic, sigma, seed)
+
+
+def gae_advantages(ctx: Context, lam: float, critic: str = "exact", sigma: float = 0.0,
+                   seed: int = 0):
+    """The GAE advantages sum_{l>=0} (gamma lambda)^l delta_{t+l} themselves, [N, T] (no gamma^t)."""
     key = ("td_errors", critic, sigma, seed)
     if key not in ctx.cache:  # shared by the GAE variants that use the same critic
         V = critic_table(ctx.exact.V, critic, sigma, seed)
         ctx.cache[key] = (ctx.batch.rewards + ctx.gamma * ctx.next_value(V) - ctx.value_at(V)) \
             * ctx.mask  # delta = 0 after the end, so the sums to go stop there
-    return ctx.discount * ctx.discounted_sum_to_go(ctx.cache[key], ctx.gamma * lam)
+    return ctx.discounted_sum_to_go(ctx.cache[key], ctx.gamma * lam)
 
 
 def gae_form(m: MomentModel, lam: float, critic: str = "exact", sigma: float = 0.0,

@@ -147,7 +147,6 @@ def moments_table(rows: dict, batch_size: int) -> str:
 
 
 def cmd_measure(args) -> int:
-
     chosen = estimators.resolve(args.estimators)
     check_sizes(args.trajectories, args.batch_size, chosen)
     device = resolve_device(args.device)
@@ -155,11 +154,13 @@ def cmd_measure(args) -> int:
     with tqdm(total=args.trajectories, unit="traj", unit_scale=True, disable=None,
               desc="measure", file=sys.stderr) as bar:
         result = measure(mdp, policy, sol, chosen, args.trajectories, args.batch_size,
-                         args.seed, device, progress=bar.update, threads=args.threads)
+                         args.seed, device, progress=bar.update, threads=args.threads,
+                         shared_start=args.shared_start)
     print(f"environment  {mdp.name} ({mdp.n_states} states, {mdp.n_actions} actions), "
           f"policy {policy.name}, gamma {sol.gamma:g}, horizon {sol.horizon}")
     print(f"J = {sol.J:.6g}, |grad J| = {sol.grad_norm:.6g}; {args.trajectories:,} trajectories "
-          f"({result.n_steps:,} steps) in batches of {args.batch_size}, seed {args.seed}, "
+          f"({result.n_steps:,} steps) in batches of {args.batch_size}"
+          f"{' sharing a start state' if args.shared_start else ''}, seed {args.seed}, "
           f"{device}, {result.seconds:.1f} s")
     print()
     print(stats_table(result.stats, args.batch_size))
@@ -174,7 +175,8 @@ def cmd_measure(args) -> int:
     if args.out:
         meta = {"env": mdp.name, "policy": policy.name, "gamma": sol.gamma, "horizon": sol.horizon,
                 "trajectories": args.trajectories, "batch_size": args.batch_size,
-                "seed": args.seed, "device": str(device), "J": sol.J, "grad_norm": sol.grad_norm}
+                "seed": args.seed, "device": str(device), "J": sol.J, "grad_norm": sol.grad_norm,
+                "shared_start": args.shared_start}
         shape = (mdp.n_states, mdp.n_actions) if policy.tabular else (policy.n_params,)
         files = exact_files(mdp, policy, sol)
         files["stats.json"] = json_bytes({"condition": meta, "estimators": result.stats})
@@ -234,7 +236,9 @@ def cmd_estimators(args) -> int:
         est = estimators.get(name)
         print(f"{name}\n    formula:   {est.formula}\n    claim:     {est.condition}\n"
               f"    reference: {est.reference}")
-    print("\nAlso: gae:lambda=L,critic=exact|perturbed|timeless[,sigma=X][,seed=K]")
+    print("\nAlso: gae:lambda=L,critic=exact|perturbed|timeless[,sigma=X][,seed=K]; NAME:agg=MODE "
+          "for the group estimators, MODE one of token-sum, seq-mean-token-mean, token-mean, "
+          "seq-mean-token-sum-norm")
     return 0
 
 
@@ -285,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int,
                    help="threads, each reducing its own chunks of trajectories (default: torch's "
                         "thread count on CPU, 1 on CUDA); results do not depend on it")
+    p.add_argument("--shared-start", action="store_true",
+                   help="the B trajectories of each batch start from one start state drawn once "
+                        "per batch (a group of responses to one prompt)")
     p.set_defaults(func=cmd_measure)
     p = sub.add_parser("moments", help="exact bias and variance of the estimators (no sampling)")
     _add_problem_args(p)

@@ -49,11 +49,21 @@ def all_pairs(batch: Batch, probs: torch.Tensor) -> tuple[Batch, torch.Tensor]:
     return all_groups(batch, probs, 2)
 
 
-def all_groups(batch: Batch, probs: torch.Tensor, B: int) -> tuple[Batch, torch.Tensor]:
+def all_groups(batch: Batch, probs: torch.Tensor, B: int, rho0: torch.Tensor | None = None
+               ) -> tuple[Batch, torch.Tensor]:
     """Every ordered B-tuple of trajectories as a batch of B (trajectories Bk .. Bk+B-1), with
-    the product of their probabilities."""
+    the product of their probabilities.
+
+    rho0 given (shared start): only the tuples whose members share a start state s, each with
+    probability rho0(s) prod_i P(tau_i | s)."""
     N = batch.n
     members = torch.cartesian_prod(*[torch.arange(N)] * B).reshape(-1, B)  # [N^B, B]
+    weight = torch.ones(len(members), dtype=probs.dtype)
+    if rho0 is not None:
+        start = batch.states[members, 0]  # [tuples, B]
+        keep = (start == start[:, :1]).all(1)
+        members = members[keep]
+        weight = 1 / rho0[start[keep, 0]] ** (B - 1)
     order = members.reshape(-1)
 
     def pick(x):
@@ -61,4 +71,4 @@ def all_groups(batch: Batch, probs: torch.Tensor, B: int) -> tuple[Batch, torch.
 
     paired = Batch(pick(batch.states), pick(batch.actions), pick(batch.rewards), pick(batch.mask),
                    pick(batch.lengths), batch.horizon)
-    return paired, probs[members].prod(1)
+    return paired, probs[members].prod(1) * weight

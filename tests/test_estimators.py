@@ -37,7 +37,7 @@ def exact_expectation(est, case: str, policy_kind: str = "tabular") -> tuple[tor
         sol = solve(mdp, policy, gamma, H)
         batch, probs = all_pairs(*all_trajectories(mdp, sol.pi, H))
         contraction = Contraction(policy, torch.device("cpu")).for_batch(batch)
-        _CACHE[key] = (Context(batch, gamma, sol, contraction, 2), probs, sol)
+        _CACHE[key] = (Context(batch, gamma, sol, contraction, 2, mdp=mdp), probs, sol)
     ctx, probs, sol = _CACHE[key]
     X = est.gradients(ctx, expectation=True).dense()  # [2 * pairs, P]
     pair_mean = X.reshape(-1, 2, X.shape[1]).mean(1)

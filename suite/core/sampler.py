@@ -6,6 +6,10 @@ R(s, a, s'), and a terminating transition moves into an absorbing sink, so every
 masked. Chunks of trajectories are
 sampled one after another so memory stays bounded; chunk c draws from a generator seeded with
 (seed, c), so a result is reproducible from (seed, chunk_size, device).
+
+``group_size`` G (shared start): trajectories G k .. G k + G - 1 start from one start state drawn
+once for the group, as G responses are sampled per prompt; each trajectory's own distribution is
+unchanged, the members of a group are independent given their start.
 """
 
 from __future__ import annotations
@@ -143,13 +147,14 @@ def _check(mdp: MDP, pi: Tensor, horizon: int, n: int) -> None:
 
 
 def _sample_chunk(tab: _Tables, horizon: int, n: int, gen: torch.Generator,
-                  device: torch.device) -> Batch:
-    def uniform() -> Tensor:
-        return torch.rand(n, generator=gen, dtype=torch.float64, device=device)
+                  device: torch.device, group_size: int = 1) -> Batch:
+    def uniform(k: int = n) -> Tensor:
+        return torch.rand(k, generator=gen, dtype=torch.float64, device=device)
 
     states = torch.empty(horizon, n, dtype=torch.int64, device=device)
     outcomes = torch.empty(horizon, n, dtype=torch.int64, device=device)
-    s = _Tables.draw(uniform(), tab.sink, 0, tab.rho_keep, tab.rho_alias)
+    s = _Tables.draw(uniform(n // group_size), tab.sink, 0, tab.rho_keep, tab.rho_alias)
+    s = s.repeat_interleave(group_size) if group_size > 1 else s
     T = horizon
     for t in range(horizon):
         if t % 8 == 0 and t > 0 and bool((s == tab.sink).all()):
@@ -174,15 +179,22 @@ def _sample_chunk(tab: _Tables, horizon: int, n: int, gen: torch.Generator,
 class ChunkSampler:
     """n trajectories under policy table pi as numbered chunks; chunk c is drawn from its own
     generator, seeded by (seed, c), so any chunk can be drawn alone, by any thread, in any order,
-    and the trajectories depend only on (seed, chunk_size)."""
+    and the trajectories depend only on (seed, chunk_size, group_size). ``group_size`` G > 1:
+    each run of G trajectories shares one start state (G must divide n and chunk_size)."""
 
     def __init__(self, mdp: MDP, pi: Tensor, horizon: int, n: int, seed: int = 0,
-                 device: str | torch.device = "auto", chunk_size: int | None = None):
+                 device: str | torch.device = "auto", chunk_size: int | None = None,
+                 group_size: int = 1):
         _check(mdp, pi, horizon, n)
         self.device = resolve_device(device)
         self.tables = _Tables(mdp, pi.detach(), self.device)
         self.horizon, self.n, self.seed = int(horizon), int(n), int(seed)
         self.chunk_size = chunk_size or default_chunk_size(horizon)
+        self.group_size = int(group_size)
+        if self.group_size < 1 or n % self.group_size or self.chunk_size % self.group_size:
+            raise InputError(f"shared start: the group size must divide the number of "
+                             f"trajectories ({n}) and the chunk size ({self.chunk_size}), got "
+                             f"{group_size}")
 
     def __len__(self) -> int:
         return -(-self.n // self.chunk_size)
@@ -197,21 +209,22 @@ class ChunkSampler:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(int(np.random.SeedSequence([self.seed, c]).generate_state(1)[0]))
         size = min(self.chunk_size, self.n - self.first(c))
-        return _sample_chunk(self.tables, self.horizon, size, gen, self.device)
+        return _sample_chunk(self.tables, self.horizon, size, gen, self.device, self.group_size)
 
 
 def sample_chunks(mdp: MDP, pi: Tensor, horizon: int, n: int, seed: int = 0,
-                  device: str | torch.device = "auto",
-                  chunk_size: int | None = None) -> Iterator[Batch]:
+                  device: str | torch.device = "auto", chunk_size: int | None = None,
+                  group_size: int = 1) -> Iterator[Batch]:
     """Yield Batches of at most ``chunk_size`` trajectories, n in total, under policy table pi."""
-    sampler = ChunkSampler(mdp, pi, horizon, n, seed, device, chunk_size)
+    sampler = ChunkSampler(mdp, pi, horizon, n, seed, device, chunk_size, group_size)
     return (sampler.chunk(c) for c in range(len(sampler)))
 
 
 def sample(mdp: MDP, pi: Tensor, horizon: int, n: int, seed: int = 0,
-           device: str | torch.device = "auto", chunk_size: int | None = None) -> Batch:
+           device: str | torch.device = "auto", chunk_size: int | None = None,
+           group_size: int = 1) -> Batch:
     """All n trajectories in one Batch (for moderate n; use sample_chunks for large n)."""
-    chunks = list(sample_chunks(mdp, pi, horizon, n, seed, device, chunk_size))
+    chunks = list(sample_chunks(mdp, pi, horizon, n, seed, device, chunk_size, group_size))
     T = max(b.mask.shape[1] for b in chunks)
 
     def cat(field: str) -> Tensor:

@@ -24,9 +24,17 @@ from ..core.stats import SUMS, ChunkIndex, Moments, block_factors, summarize
 from ..core.threads import intra_op_threads
 from .exact_table import ExactRow, agreement, exact_rows
 
-__all__ = ["MIN_BATCHES", "Measurement", "check_sizes", "measure", "statistics"]
+__all__ = ["MIN_BATCHES", "Measurement", "check_sizes", "measure", "shared_start_rows", "statistics"]
 
 MIN_BATCHES = 10  # the t-test and the bootstrap need enough independent batches and groups
+SHARED_START_NO_EXACT = ("shared start: the exact engine assumes independent start states (each "
+                         "member's own moments are unchanged, the batch's are not); a group's "
+                         "exact moments: suite.core.group_moments")
+
+
+def shared_start_rows(estimators) -> dict[str, ExactRow]:
+    """The exact rows of a shared-start measurement: none, and why."""
+    return {e.name: ExactRow(e.name, None, SHARED_START_NO_EXACT) for e in estimators}
 
 
 @dataclass(frozen=True)
@@ -74,13 +82,15 @@ def _chunk_sizes(n: int, horizon: int, block: int) -> tuple[int, int]:
 def measure(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, n: int, batch_size: int,
             seed: int = 0, device: str | torch.device = "auto",
             progress: Callable[[int], None] | None = None, threads: int | None = None,
-            exact: dict[str, ExactRow] | None = None) -> Measurement:
+            exact: dict[str, ExactRow] | None = None, shared_start: bool = False) -> Measurement:
     """Compute the exact moments of every estimator (unless given in ``exact``), then sample n
     trajectories once and evaluate every estimator on them.
 
     The trajectories come in numbered chunks, each drawn from its own seed and reduced to sums by
     one of ``threads`` threads (default on CPU: torch.get_num_threads(); on CUDA: 1); the chunks'
-    sums are added in chunk order, so every number is the same for any thread count."""
+    sums are added in chunk order, so every number is the same for any thread count.
+    ``shared_start``: the B trajectories of each batch start from one start state, drawn once per
+    batch (a group of responses to one prompt); chunks hold whole batches."""
     check_sizes(n, batch_size, estimators)
     if threads is not None and threads < 1:
         raise InputError(f"threads must be >= 1, got {threads}")
@@ -88,12 +98,15 @@ def measure(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, n: int, ba
     started = time.perf_counter()
     M = n // batch_size
     factors = block_factors(M, batch_size)
-    if exact is None:
+    if shared_start:
+        exact = shared_start_rows(estimators)
+    elif exact is None:
         exact = exact_rows(mdp, policy, sol, estimators, batch_size, tuple(factors))
     chunk, piece = _chunk_sizes(n, sol.horizon, max(factors) * batch_size)
-    sampler = ChunkSampler(mdp, sol.pi, sol.horizon, n, seed, dev, chunk)
+    sampler = ChunkSampler(mdp, sol.pi, sol.horizon, n, seed, dev, chunk,
+                           batch_size if shared_start else 1)
     run = _Run(sampler, Contraction(policy, dev), sol.to(dev), list(estimators), piece,
-               Moments(policy.n_params, batch_size, M, factors, dev))
+               Moments(policy.n_params, batch_size, M, factors, dev), mdp)
     totals = {e.name: run.template.empty_like() for e in estimators}
     steps = 0
     n_threads = max(1, min(threads or _default_threads(dev), len(sampler)))
@@ -149,6 +162,7 @@ class _Run:
     estimators: list
     piece: int  # trajectories handled by the estimators at once
     template: Moments  # empty sums of the right shape (batch size, batches, block factors)
+    mdp: MDP  # for estimators that roll out more than the batch (remax's greedy baseline)
 
     def chunk(self, c: int) -> tuple[dict[str, Moments], int]:
         """Sums of chunk c for every estimator, and its number of steps."""
@@ -162,7 +176,8 @@ class _Run:
                 for e in self.estimators}
         for start in range(0, batch_all.n, self.piece):
             batch = batch_all.rows(start, start + self.piece)
-            ctx = Context(batch, self.exact.gamma, self.exact, self.contraction.for_batch(batch), B)
+            ctx = Context(batch, self.exact.gamma, self.exact, self.contraction.for_batch(batch), B,
+                          mdp=self.mdp)
             index = ChunkIndex.build(first, batch.n, B, self.template.n_batches, self.sampler.device)
             for est in self.estimators:
                 grads = est.gradients(ctx, generator=gens[est.name])

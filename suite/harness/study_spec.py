@@ -31,8 +31,8 @@ from .problem import POLICY_KINDS
 __all__ = ["CONDITION_KEYS", "METRICS", "SAMPLERS", "Objective", "Range", "StudySpec", "load_study"]
 
 SAMPLERS = ("grid", "random", "tpe", "cmaes", "nsga2")
-CONDITION_KEYS = ("env", "policy", "gamma", "horizon", "trajectories", "batch_size")
-DEFAULTS = {"policy": "uniform", "trajectories": 10_000, "batch_size": 10}
+CONDITION_KEYS = ("env", "policy", "gamma", "horizon", "trajectories", "batch_size", "shared_start")
+DEFAULTS = {"policy": "uniform", "trajectories": 10_000, "batch_size": 10, "shared_start": False}
 STUDY_KEYS = ("name", "description", "sampler", "trials", "seeds", "device", "estimators")
 OBJECTIVE_KEYS = ("metric", "estimator", "baseline", "direction")
 # per-estimator metrics an objective may name: those of the metric table with a direction
@@ -312,6 +312,9 @@ def _check_value(path: Path, where: str, key: str, value) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise _fail(path, where, "must be an integer >= 0 (0: exact moments only, no "
                         "sampling)", value)
+    elif key == "shared_start":
+        if not isinstance(value, bool):
+            raise _fail(path, where, "must be true or false", value)
     else:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise _fail(path, where, "must be an integer >= 1", value)
