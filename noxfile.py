@@ -31,7 +31,7 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff over the packages, tests and noxfile."""
     session.install(*CONSTRAINTS, "ruff")
-    session.run("ruff", "check", "suite", "estimators", "reports", "tests", "noxfile.py")
+    session.run("ruff", "check", "suite", "estimators", "reports", "tests", "noxfile.py", "examples")
 
 
 @nox.session(python=PYTHON)

@@ -20,6 +20,7 @@ from .core.errors import InputError
 from .core.io import json_bytes, npy_bytes, npz_bytes, write_files
 from .core.metrics import METRICS, markdown_table, verdict
 from .core.sampler import resolve_device
+from .harness.estimator_files import load_estimator_files
 from .harness.exact_table import exact_rows
 from .harness.measure import check_sizes, measure
 from .harness.problem import make_problem
@@ -43,6 +44,13 @@ def _add_problem_args(p: argparse.ArgumentParser) -> None:
                    help="uniform (default) | random:temperature=1,seed=0 | trained:fraction=0.5 | "
                         "mlp:hidden=16,seed=0 | path to an .npy of logits [S, A]")
     p.add_argument("--out", help="directory for the results (exact.json, exact_grad.npy, ...)")
+
+
+def _add_estimator_file_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--estimator-file", action="append", metavar="PATH",
+                   help="a Python file whose estimators to register: @estimators.register "
+                        "functions, or advantage functions (token_level_rewards, response_mask, "
+                        "group_index) -> advantages (docs/your_estimator.md); repeatable")
 
 
 def _problem(args):
@@ -147,6 +155,7 @@ def moments_table(rows: dict, batch_size: int) -> str:
 
 
 def cmd_measure(args) -> int:
+    load_estimator_files(args.estimator_file)
     chosen = estimators.resolve(args.estimators)
     check_sizes(args.trajectories, args.batch_size, chosen)
     device = resolve_device(args.device)
@@ -187,6 +196,7 @@ def cmd_measure(args) -> int:
 
 
 def cmd_moments(args) -> int:
+    load_estimator_files(args.estimator_file)
     chosen = estimators.resolve(args.estimators)
     if args.batch_size < 1 or (args.batch_size < 2 and any(e.needs_batch for e in chosen)):
         raise InputError(f"batch size must be >= 2 for estimators that use their batch "
@@ -232,6 +242,7 @@ def cmd_metrics(args) -> int:
 
 
 def cmd_estimators(args) -> int:
+    load_estimator_files(args.estimator_file)
     for name in estimators.names():
         est = estimators.get(name)
         print(f"{name}\n    formula:   {est.formula}\n    claim:     {est.condition}\n"
@@ -289,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int,
                    help="threads, each reducing its own chunks of trajectories (default: torch's "
                         "thread count on CPU, 1 on CUDA); results do not depend on it")
+    _add_estimator_file_arg(p)
     p.add_argument("--shared-start", action="store_true",
                    help="the B trajectories of each batch start from one start state drawn once "
                         "per batch (a group of responses to one prompt)")
@@ -297,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_problem_args(p)
     p.add_argument("--batch-size", type=int, default=10, help="B (default 10)")
     p.add_argument("--estimators", default="all", help="comma-separated names, or all (default)")
+    _add_estimator_file_arg(p)
     p.set_defaults(func=cmd_moments)
     p = sub.add_parser("study", help="run (or resume) a study file with Optuna, logging to MLflow")
     p.add_argument("study_file", help="a study file, e.g. studies/default.toml")
@@ -310,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="as the table of docs/metrics.md")
     p.set_defaults(func=cmd_metrics)
     p = sub.add_parser("estimators", help="list the registered estimators and their claims")
+    _add_estimator_file_arg(p)
     p.set_defaults(func=cmd_estimators)
     add_report_parser(sub)
     return parser

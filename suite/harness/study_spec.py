@@ -1,6 +1,6 @@
 """Study files: TOML data describing the conditions to explore. Loaded and validated here.
 
-    [study]       name, description, sampler, trials, seeds, device, estimators
+    [study]       name, description, sampler, trials, seeds, device, estimators, estimator_file
     [space]       searched parameters: a list (choices) or a table {low, high, log, int};
                   `seed = [0, 1, ...]` makes each seed a trial of its own
     [fixed]       condition values that do not vary; strings may use {param} templates
@@ -26,6 +26,7 @@ from ..core.envs import make_mdp
 from ..core.errors import InputError, did_you_mean
 from ..core.metrics import METRICS as TABLE
 from ..core.specs import parse_spec
+from .estimator_files import load_estimator_files
 from .problem import POLICY_KINDS
 
 __all__ = ["CONDITION_KEYS", "METRICS", "SAMPLERS", "Objective", "Range", "StudySpec", "load_study"]
@@ -33,7 +34,8 @@ __all__ = ["CONDITION_KEYS", "METRICS", "SAMPLERS", "Objective", "Range", "Study
 SAMPLERS = ("grid", "random", "tpe", "cmaes", "nsga2")
 CONDITION_KEYS = ("env", "policy", "gamma", "horizon", "trajectories", "batch_size", "shared_start")
 DEFAULTS = {"policy": "uniform", "trajectories": 10_000, "batch_size": 10, "shared_start": False}
-STUDY_KEYS = ("name", "description", "sampler", "trials", "seeds", "device", "estimators")
+STUDY_KEYS = ("name", "description", "sampler", "trials", "seeds", "device", "estimators",
+              "estimator_file")
 OBJECTIVE_KEYS = ("metric", "estimator", "baseline", "direction")
 # per-estimator metrics an objective may name: those of the metric table with a direction
 METRICS = tuple(m.name for m in TABLE if m.direction is not None)
@@ -72,6 +74,7 @@ class StudySpec:
     objectives: tuple[Objective, ...] = ()
     cases: tuple[dict, ...] = ()  # condition values that vary together; space["case"] indexes
     description: str = ""
+    estimator_files: tuple[str, ...] = ()  # user files whose estimators load_study registered
     text: str = field(default="", repr=False)  # the file, verbatim
 
     @property
@@ -173,6 +176,16 @@ def load_study(path: str | Path) -> StudySpec:
         raise _fail(path, "study.estimators", "must be \"all\" or a non-empty list of names",
                     estimators)
 
+    files = study.get("estimator_file", [])
+    files = [files] if isinstance(files, str) else files
+    if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
+        raise _fail(path, "study.estimator_file", "must be a path or a list of paths",
+                    study.get("estimator_file"))
+    try:
+        load_estimator_files(files)
+    except InputError as exc:
+        raise InputError(f"{path}: study.estimator_file: {exc}") from None
+
     space = _load_space(path, data.get("space", {}), sampler)
     fixed = data.get("fixed", {})
     if not isinstance(fixed, dict):
@@ -222,7 +235,8 @@ def load_study(path: str | Path) -> StudySpec:
     return StudySpec(name=name, path=path, sampler=sampler, trials=trials, seeds=tuple(seeds),
                      device=device, estimators=estimators if estimators == "all" else tuple(estimators),
                      space=space, fixed=fixed, objectives=objectives, cases=cases,
-                     description=str(study.get("description", "")), text=text)
+                     description=str(study.get("description", "")), text=text,
+                     estimator_files=tuple(files))
 
 
 def _load_cases(path: Path, cases, space: dict, fixed: dict) -> tuple[dict, ...]:
