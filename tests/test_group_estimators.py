@@ -26,13 +26,15 @@ from suite.core.group_moments import (
     outcome_table,
 )
 from suite.core.policies import mlp, random_policy, uniform
+from suite.core.sampler import sample
 from suite.harness.measure import measure
 
 from .conftest import tiny_mdp
 from .enumerate import all_groups, all_trajectories
 
-GROUP_ESTIMATORS = ["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax",
-                    "ppo_advantage_normalization", "opo"]
+# every registered advantage estimator (an entry with a loss aggregation mode): new ones are
+# tested without being listed here
+GROUP_ESTIMATORS = [n for n in estimators.names() if "agg" in estimators.get(n).params]
 H = 2
 CASES = {"terminating": (1, True, 0.8), "continuing": (2, False, 0.7)}  # seed, terminating, gamma
 _CACHE: dict = {}
@@ -75,6 +77,33 @@ def test_every_mode_proves_its_claim(name, case):
                     assert gap < 1e-10, f"claims unbiased but {where}"
                 else:
                     assert gap > 1e-6, f"claims a bias but {where}"
+
+
+def test_member_weights_give_the_frameworks_loss_gradient():
+    """The batch mean of the members' estimates is minus the gradient of the framework's loss,
+    sum over the batch's steps of -A_it log pi(a_t|s_t) aggregated by the mode (autograd)."""
+    mdp = make_mdp("tokens:vocab=2,max_len=4,prompts=2")
+    policy = random_policy(mdp.n_states, mdp.n_actions, seed=0)
+    sol = solve(mdp, policy, 1.0, 4)
+    B = 4
+    batch = sample(mdp, sol.pi, 4, 64, seed=0, device="cpu", group_size=B)
+    ctx = Context(batch, 1.0, sol, Contraction(policy, torch.device("cpu")).for_batch(batch), B,
+                  mdp=mdp)
+    mask = batch.mask.double()
+    L = mask.sum(1).reshape(-1, B)
+    theta = policy.params.detach().clone().requires_grad_(True)
+    logp = policy.log_probs(theta)[batch.states, batch.actions] * mask  # [N, T]
+    for name in GROUP_ESTIMATORS:
+        A = estimators.get(f"{name}:agg=token-sum").weights(ctx).detach() * mask
+        per_seq = (A * logp).sum(1).reshape(-1, B)  # [groups, B]: sum_t A_it log pi
+        losses = {"token-sum": -per_seq.mean(1), "seq-mean-token-mean": -(per_seq / L).mean(1),
+                  "token-mean": -per_seq.sum(1) / L.sum(1),
+                  "seq-mean-token-sum-norm": -(per_seq / 4).mean(1)}
+        for mode, loss in losses.items():
+            (grad,) = torch.autograd.grad(loss.sum(), theta, retain_graph=True)
+            X = estimators.get(f"{name}:agg={mode}").gradients(ctx).dense()
+            total = X.reshape(-1, B, X.shape[1]).mean(1).sum(0)  # sum of the batch estimates
+            assert torch.allclose(total, -grad, rtol=1e-10, atol=1e-13), (name, mode)
 
 
 def test_plain_names_use_their_sources_mode():

@@ -189,8 +189,9 @@ class ChunkSampler:
         self.device = resolve_device(device)
         self.tables = _Tables(mdp, pi.detach(), self.device)
         self.horizon, self.n, self.seed = int(horizon), int(n), int(seed)
-        self.chunk_size = chunk_size or default_chunk_size(horizon)
         self.group_size = int(group_size)
+        g = max(self.group_size, 1)
+        self.chunk_size = chunk_size or max(g, default_chunk_size(horizon) // g * g)
         if self.group_size < 1 or n % self.group_size or self.chunk_size % self.group_size:
             raise InputError(f"shared start: the group size must divide the number of "
                              f"trajectories ({n}) and the chunk size ({self.chunk_size}), got "

@@ -6,7 +6,8 @@ of reinforcement learning on language: a state is (prompt, response so far), an 
 the response reaches ``max_len`` actions (EOS counted, as frameworks count it in the response
 length). Only the last transition pays: the verifier's verdict on the whole response, 1 (correct)
 or 0. rho0 is uniform over the prompts. Use ``horizon = max_len`` (a larger horizon changes
-nothing; a smaller one cuts responses before their verdict) and ``gamma = 1``.
+no response, though seq-mean-token-sum-norm divides by the horizon; a smaller one cuts responses
+before their verdict) and ``gamma = 1``.
 
 **The verifier.** Prompt q gives every vocabulary token a value v_q(x) in {-1, 0, +1} and sets a
 bar b_q: a response (x_1, ..., x_T) is correct iff score = sum_t v_q(x_t) >= b_q (EOS adds
