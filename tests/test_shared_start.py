@@ -64,6 +64,10 @@ def test_measure_with_a_shared_start_is_reproducible_and_thread_independent(monk
             np.testing.assert_array_equal(other.means[name], runs[0].means[name])
     independent = measure(mdp, policy, sol, chosen, 4800, 4, seed=2, device="cpu")
     assert independent.stats["grpo"]["variance"] != runs[0].stats["grpo"]["variance"]
+    # the exact engine assumes independent starts: under a shared start it says so
+    loo = runs[0].stats["leave_one_out_baseline"]
+    assert loo["exact"]["exact"] is False and "shared start" in loo["exact"]["reason"]
+    assert independent.stats["leave_one_out_baseline"]["exact"]["exact"] is True
 
 
 def _every_group(B: int, shared: bool, name: str):
