@@ -19,12 +19,13 @@ from suite.core.envs import make_mdp
 from suite.core.exact import solve
 from suite.core.group_moments import (
     RULES,
-    NoExact,
     enumerate_paths,
     group_moments,
+    group_moments_by_start,
     grpo_binary_scale,
     outcome_table,
 )
+from suite.core.moments import NoExact
 from suite.core.policies import mlp, random_policy, uniform
 from suite.core.sampler import sample
 from suite.harness.measure import measure
@@ -155,6 +156,28 @@ def test_grpo_binary_reward_one_prompt_scales_grad_p_by_omega(G):
     assert torch.allclose(gm.mean, omega * sol.grad, rtol=1e-10, atol=1e-15)
 
 
+def test_difficulty_bias_per_prompt():
+    """Shared start, 0/1 reward: the group answering prompt s has mean omega_G(p_s) grad p_s, and
+    the groups together weigh each prompt's gradient by its omega (grad J weighs them by 1)."""
+    mdp = make_mdp("tokens:vocab=2,max_len=3,prompts=3,pass_first=0.8,pass_last=0.1")
+    policy = random_policy(mdp.n_states, mdp.n_actions, seed=5)
+    sol = solve(mdp, policy, 1.0, 3)
+    table = outcome_table(mdp, policy, sol)
+    G = 6
+    by_start = group_moments_by_start(table, "grpo", "token-sum", G)
+    weighted = torch.zeros_like(sol.grad)
+    for s, mom in by_start.items():
+        p = table.start_return(s)
+        expected = grpo_binary_scale(G, p) * table.start_gradient(s)
+        assert torch.allclose(mom.mean, expected, rtol=1e-10, atol=1e-15), s
+        weighted += float(mdp.rho0[s]) * expected
+    assert torch.allclose(sum(float(mdp.rho0[s]) * table.start_gradient(s) for s in by_start),
+                          sol.grad, rtol=1e-12, atol=1e-15)
+    shared = group_moments(table, "grpo", "token-sum", G, shared_start=True)
+    assert torch.allclose(shared.mean, weighted, rtol=1e-10, atol=1e-15)
+    assert len({round(grpo_binary_scale(G, table.start_return(s)), 6) for s in by_start}) == 3
+
+
 def test_omega_table_of_the_design_note():
     # GRPO's eps = 1e-6 shifts omega by ~1e-6 relative: omega_2 = 0.5 / (1/sqrt(2) + eps)
     for p in (0.01, 0.3, 0.5, 0.9):
@@ -177,8 +200,9 @@ def test_group_moments_match_every_group(name, case):
                 gm = group_moments(table, name, mode, B, shared)
                 where = f"{name}:agg={mode}, B={B}, shared {shared}"
                 assert float((gm.mean - mean).norm()) <= 1e-10 * float(mean.norm()) + 1e-15, where
-                assert gm.second_moment == pytest.approx(second, rel=1e-10), where
-                assert gm.member_second_moment == pytest.approx(member, rel=1e-10), where
+                assert torch.equal(gm.mean, gm.batch_mean)
+                assert gm.batch_second_moment == pytest.approx(second, rel=1e-10), where
+                assert gm.second_moment == pytest.approx(member, rel=1e-10), where
 
 
 def test_group_moments_for_a_non_tabular_policy():
@@ -188,7 +212,7 @@ def test_group_moments_for_a_non_tabular_policy():
         mean, second, _, _ = brute_force(f"{name}:agg={mode}", "terminating", 3, True, "mlp")
         gm = group_moments(table, name, mode, 3, shared_start=True)
         assert torch.allclose(gm.mean, mean, rtol=1e-10, atol=1e-15)
-        assert gm.second_moment == pytest.approx(second, rel=1e-10)
+        assert gm.batch_second_moment == pytest.approx(second, rel=1e-10)
 
 
 def test_outcome_table_is_the_tree_of_trajectories():
@@ -226,6 +250,7 @@ def test_sampled_group_statistics_agree_with_the_exact_moments():
         est = estimators.get(name)
         gm = group_moments(table, name, est.params["agg"], B, shared_start=True)
         z2 = float(((torch.as_tensor(result.means[name]) - gm.mean) ** 2).sum()) \
-            / (gm.variance / (N // B))  # about 1 on average; > 4 rarely
+            / (gm.batch_variance / (N // B))  # about 1 on average; > 4 rarely
         assert z2 < 4, (name, z2)
-        assert result.stats[name]["batch_variance"] == pytest.approx(gm.variance, rel=0.1), name
+        assert result.stats[name]["batch_variance"] == pytest.approx(gm.batch_variance, rel=0.1), \
+            name

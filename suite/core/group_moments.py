@@ -30,13 +30,16 @@ p, u and n come from the tree of trajectories: every trajectory of the MDP is en
 MDP small enough: the token MDP's response tree, a tiny test MDP), its score Psi contracted once.
 The outcome-level advantage formulas live here (``RULES``), so the core does not import the
 estimators; tests prove them against the estimators by brute-force enumeration of every group.
+Results are the exact engine's ``ExactMoments`` (per member: mean, second_moment; per group:
+batch_mean, batch_second_moment), so ``suite.core.moments.relative_metrics`` applies, or its
+``NoExact(reason)``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,12 +49,13 @@ from .contraction import Contraction
 from .errors import InputError, did_you_mean
 from .exact import ExactSolution
 from .mdp import MDP
+from .moments import ExactMoments, NoExact
 from .policies import Policy
 from .sampler import Batch
 
-__all__ = ["AGG_MODES", "GRPO_EPS", "MAX_PATHS", "NO_EXACT", "RULES", "WHITEN_EPS",
-           "GroupMoments", "GroupRule", "NoExact", "Outcomes", "enumerate_paths", "greedy_return",
-           "group_moments", "grpo_binary_scale", "outcome_table"]
+__all__ = ["AGG_MODES", "GRPO_EPS", "MAX_PATHS", "NO_EXACT", "RULES", "WHITEN_EPS", "GroupRule",
+           "Outcomes", "enumerate_paths", "greedy_return", "group_moments", "group_moments_by_start",
+           "grpo_binary_scale", "outcome_table"]
 
 AGG_MODES = ("token-sum", "seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
 GRPO_EPS = 1e-6  # GRPO's (R - mean) / (std + eps)
@@ -132,6 +136,17 @@ class Outcomes:
     n: Tensor  # [K] E[|Psi|^2 1{outcome}]
     rho0: Tensor  # [S] the start distribution
     horizon: int  # H, the length limit of seq-mean-token-sum-norm
+
+    def start_gradient(self, s: int) -> Tensor:
+        """grad E[R | s_0 = s], [P]: the gradient a group answering start (prompt) s estimates
+        (with a 0/1 reward, grad of the prompt's pass rate p_s)."""
+        at = self.start == s
+        return (self.ret[at] @ self.u[at]) / self.rho0[s]
+
+    def start_return(self, s: int) -> float:
+        """E[R | s_0 = s] (with a 0/1 reward, the prompt's pass rate p_s)."""
+        at = self.start == s
+        return float(self.ret[at] @ self.prob[at] / self.rho0[s])
 
 
 def outcome_table(mdp: MDP, policy: Policy, sol: ExactSolution,
@@ -221,34 +236,6 @@ def _sum_values(name: str, R: np.ndarray, L: np.ndarray) -> np.ndarray:
 # The moments
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class GroupMoments:
-    """Exact moments of one group estimator at group size G (float64)."""
-
-    mean: Tensor  # [P] E[g], g = (1/G) sum_i X_i the group's estimate (= E[X_i])
-    second_moment: float  # E|g|^2
-    batch_size: int  # G
-    member_second_moment: float  # E|X_i|^2 of one member's scaled estimate
-    start_means: Tensor | None = field(default=None, repr=False)  # [S, P] E[g | s_0] (shared)
-
-    @property
-    def variance(self) -> float:
-        """tr Cov of the group's estimate g."""
-        return self.second_moment - float(self.mean @ self.mean)
-
-    @property
-    def member_variance(self) -> float:
-        """tr Cov of one member's estimate X_i."""
-        return self.member_second_moment - float(self.mean @ self.mean)
-
-
-@dataclass(frozen=True)
-class NoExact:
-    """No exact group moments for this estimator; ``reason`` says why."""
-
-    reason: str
-
-
 def _convolve(keys: np.ndarray, probs: np.ndarray, phi: np.ndarray,
               p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distribution of T + phi_k (k ~ p, independent of T ~ (keys, probs)), equal keys merged."""
@@ -323,10 +310,7 @@ def _merge(o: Outcomes, select: Tensor, features: tuple[str, ...], weight: float
     return feats, add(o.prob[select]), add(o.u[select]), add(o.n[select])
 
 
-def group_moments(outcomes: Outcomes, estimator: str, agg: str, batch_size: int,
-                  shared_start: bool = False) -> GroupMoments | NoExact:
-    """Exact E[g], E|g|^2 (and E|X_i|^2) of a group estimator (a name of ``RULES``) with
-    aggregation mode ``agg`` at group size G = batch_size; NoExact(reason) where there is none."""
+def _check(estimator: str, agg: str, batch_size: int) -> NoExact | None:
     if estimator in NO_EXACT:
         return NoExact(NO_EXACT[estimator])
     if estimator not in RULES:
@@ -335,30 +319,51 @@ def group_moments(outcomes: Outcomes, estimator: str, agg: str, batch_size: int,
     if agg not in AGG_MODES:
         raise InputError(f"unknown aggregation mode '{agg}'{did_you_mean(agg, AGG_MODES)} known: "
                          f"{', '.join(AGG_MODES)}")
-    G = int(batch_size)
-    if G < 1 or (G < 2 and estimator != "remax"):
+    if int(batch_size) < 1 or (int(batch_size) < 2 and estimator != "remax"):
         raise InputError(f"{estimator}: the group size must be >= 2, got {batch_size}")
+    return None
+
+
+def _moments(outcomes: Outcomes, select: Tensor, weight: float, estimator: str, agg: str,
+             G: int) -> ExactMoments:
     rule = RULES[estimator]
-    agg_own = AGG_RULES[agg][0]
-    features = tuple(dict.fromkeys(rule.own + agg_own + tuple(
+    features = tuple(dict.fromkeys(rule.own + AGG_RULES[agg][0] + tuple(
         f for s in rule.sums + AGG_RULES[agg][1] for f in _SUM_FEATURES[s])))
-    H = outcomes.horizon
+    feats, prob, u, n = _merge(outcomes, select, features, weight)
+    mean, second, member = _population(feats, prob, u, n, G, outcomes.horizon, rule, agg)
+    return ExactMoments(mean, member, G, mean, second)
+
+
+def group_moments_by_start(outcomes: Outcomes, estimator: str, agg: str,
+                           batch_size: int) -> dict[int, ExactMoments] | NoExact:
+    """The exact moments of a group whose members all start (answer prompt) s, for each start s
+    of rho0: compare ``mean`` with ``outcomes.start_gradient(s)``."""
+    missing = _check(estimator, agg, batch_size)
+    if missing is not None:
+        return missing
+    starts = torch.nonzero(outcomes.rho0 > 0).squeeze(1).tolist()
+    return {s: _moments(outcomes, outcomes.start == s, float(outcomes.rho0[s]), estimator, agg,
+                        int(batch_size)) for s in starts}
+
+
+def group_moments(outcomes: Outcomes, estimator: str, agg: str, batch_size: int,
+                  shared_start: bool = False) -> ExactMoments | NoExact:
+    """Exact moments of a group estimator (a name of ``RULES``) with aggregation mode ``agg`` at
+    group size G = batch_size, as the engine's ExactMoments: ``batch_mean``/``batch_second_moment``
+    of the group's estimate g, ``mean``/``second_moment`` of one member's X_i (E[X_i] = E[g]);
+    NoExact(reason) where there is none."""
+    missing = _check(estimator, agg, batch_size)
+    if missing is not None:
+        return missing
+    G = int(batch_size)
     if not shared_start:
-        feats, prob, u, n = _merge(outcomes, torch.ones_like(outcomes.prob, dtype=torch.bool),
-                                   features, 1.0)
-        mean, second, member = _population(feats, prob, u, n, G, H, rule, agg)
-        return GroupMoments(mean, second, G, member)
-    starts = torch.nonzero(outcomes.rho0 > 0).squeeze(1)
-    start_means = torch.zeros(len(outcomes.rho0), outcomes.u.shape[1], dtype=torch.float64)
-    second = member = 0.0
-    for s in starts.tolist():
-        w = float(outcomes.rho0[s])
-        feats, prob, u, n = _merge(outcomes, outcomes.start == s, features, w)
-        m_s, sec_s, mem_s = _population(feats, prob, u, n, G, H, rule, agg)
-        start_means[s] = m_s
-        second += w * sec_s
-        member += w * mem_s
-    return GroupMoments(outcomes.rho0 @ start_means, second, G, member, start_means)
+        everyone = torch.ones_like(outcomes.prob, dtype=torch.bool)
+        return _moments(outcomes, everyone, 1.0, estimator, agg, G)
+    by_start = group_moments_by_start(outcomes, estimator, agg, G)
+    w = {s: float(outcomes.rho0[s]) for s in by_start}
+    mean = sum(w[s] * m.mean for s, m in by_start.items())
+    return ExactMoments(mean, sum(w[s] * m.second_moment for s, m in by_start.items()), G, mean,
+                        sum(w[s] * m.batch_second_moment for s, m in by_start.items()))
 
 
 def grpo_binary_scale(G: int, p: float, eps: float = GRPO_EPS) -> float:
