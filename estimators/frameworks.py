@@ -100,6 +100,8 @@ def register_framework_function(fn: Callable, source: str) -> list[str]:
         group = (torch.arange(ctx.batch.n) // ctx.batch_size).numpy()
         return _call(fn, where, ctx.batch.rewards, ctx.mask, group)
 
+    adv.__name__, adv.__doc__ = name, inspect.getdoc(fn) or f"{name}, from {source}"
+
     claim = (f"claimed by its author: unbiased with agg={', '.join(unbiased_with)}"
              if unbiased_with else "no claim of unbiasedness declared")
     summary = (inspect.getdoc(fn) or "").split("\n")[0] or "user advantage function"

@@ -19,7 +19,7 @@ reward when gamma = 1). Like the frameworks, no estimator here weights step t by
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
+from functools import partial, update_wrapper
 
 import torch
 from torch import Tensor
@@ -66,6 +66,15 @@ def aggregated(ctx: Context, adv: Callable[[Context], Tensor], agg: str) -> Tens
     return (adv(ctx) * aggregation_weight(ctx, agg)).expand_as(ctx.batch.rewards)
 
 
+def _weights(adv: Callable[[Context], Tensor], mode: str | None = None) -> Callable:
+    """The registry's function of an advantage estimator: ctx (, agg) -> step weights [N, T],
+    documented by the advantage function's own docstring."""
+    def weights(ctx: Context, agg: str | None = mode) -> Tensor:
+        return aggregated(ctx, adv, agg)
+
+    return update_wrapper(weights, adv)
+
+
 def _claim(mode: str, condition: str, unbiased_with: tuple[str, ...]) -> tuple[bool, str]:
     if mode == "token-sum":
         return "token-sum" in unbiased_with, condition
@@ -101,10 +110,9 @@ def advantage(name: str, *, agg: str, formula: str, reference: str, condition: s
         text = f"{formula}; agg={mode}"
         if spec is None:  # the plain name: registered
             register(name, formula=text, reference=reference, unbiased=unbiased, condition=claim,
-                     needs_batch=needs_batch, no_exact=no_exact, agg=mode)(
-                partial(aggregated, adv=fn))
+                     needs_batch=needs_batch, no_exact=no_exact, agg=mode)(_weights(fn))
             return None
-        return Estimator(spec, partial(aggregated, adv=fn, agg=mode), "weights", text, reference,
+        return Estimator(spec, _weights(fn, mode), "weights", text, reference,
                          lambda gamma, _u=unbiased: _u, claim, needs_batch, {"agg": mode},
                          no_exact=no_exact)
 
