@@ -204,7 +204,8 @@ def cmd_moments(args) -> int:
                          f"{args.batch_size}; pass --batch-size 2 or more")
     mdp, policy, sol = _problem(args)
     started = time.perf_counter()
-    rows = exact_rows(mdp, policy, sol, chosen, args.batch_size, directions=False)
+    rows = exact_rows(mdp, policy, sol, chosen, args.batch_size, directions=False,
+                      shared_start=args.shared_start)
     seconds = time.perf_counter() - started
     print(f"environment  {mdp.name} ({mdp.n_states} states, {mdp.n_actions} actions), "
           f"policy {policy.name}, gamma {sol.gamma:g}, horizon {sol.horizon}")
@@ -223,6 +224,7 @@ def cmd_moments(args) -> int:
         files = exact_files(mdp, policy, sol)
         files["moments.json"] = json_bytes({
             "J": sol.J, "grad_norm": sol.grad_norm, "batch_size": args.batch_size,
+            "shared_start": args.shared_start,
             "estimators": {n: r.to_json() for n, r in rows.items()}})
         files["moments_means.npz"] = npz_bytes({n: r.moments.mean.numpy().reshape(shape)
                                                 for n, r in rows.items() if r.exact})
@@ -309,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_problem_args(p)
     p.add_argument("--batch-size", type=int, default=10, help="B (default 10)")
     p.add_argument("--estimators", default="all", help="comma-separated names, or all (default)")
+    p.add_argument("--shared-start", action="store_true",
+                   help="the B trajectories of a batch share one start state (G responses to one "
+                        "prompt): the batch's moments given each start, averaged over rho0")
     _add_estimator_file_arg(p)
     p.set_defaults(func=cmd_moments)
     p = sub.add_parser("study", help="run (or resume) a study file with Optuna, logging to MLflow")

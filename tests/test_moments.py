@@ -44,13 +44,15 @@ def _problem(case: str, kind: str):
     return _CACHE[key]
 
 
-def enumerated(est, case: str, kind: str, B: int) -> dict[str, torch.Tensor]:
+def enumerated(est, case: str, kind: str, B: int, shared: bool = False) -> dict[str, torch.Tensor]:
     """E g, E|g|^2 of one member and E g_B, E|g_B|^2 of the batch, over every B-tuple of
-    trajectories and every draw of the estimator's own step t*."""
+    trajectories (sharing one start when ``shared``) and every draw of the estimator's own step
+    t*."""
     mdp, policy, sol, (batch, probs) = _problem(case, kind)
-    groups, p = all_groups(batch, probs, B) if B > 1 else (batch, probs)
+    groups, p = (all_groups(batch, probs, B, mdp.rho0 if shared else None) if B > 1
+                 else (batch, probs))
     ctx = Context(groups, sol.gamma, sol, Contraction(policy, torch.device("cpu")).for_batch(groups),
-                  max(B, 1))
+                  max(B, 1), mdp=mdp)
     if est.kind == "single_step":  # E over t*: sum_t q_t (estimate with t* = t)
         q, c = est.fn(ctx)
         per_step = []
@@ -228,3 +230,24 @@ def test_agreement_catches_a_wrong_exact_mean():
                       result.stats["reward_to_go_missing_discount"]["variance"],
                       result.stats["reward_to_go_missing_discount"]["variance_ci"])
     assert abs(wrong["z"]) > 10 and wrong["p_value"] < 1e-6
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shared_start_moments_equal_enumeration(name):
+    """With the batch's trajectories sharing one start state (drawn from rho0), every estimator's
+    member and batch moments against enumeration of every such batch of 2 and 3."""
+    from suite.harness.exact_table import exact_rows
+
+    est = estimators.get(name)
+    mdp, policy, sol, _ = _problem("small", "tabular")
+    for B in (2, 3):
+        row = exact_rows(mdp, policy, sol, [est], B, directions=False, shared_start=True)[name]
+        if row.moments is None:
+            assert row.reason
+            continue
+        ref = enumerated(est, "small", "tabular", B, shared=True)
+        mom, scale = row.moments, float(ref["second"])
+        assert _close(mom.mean, ref["mean"], math.sqrt(scale)), f"{name} B={B}"
+        assert _close(mom.second_moment, ref["second"], scale), f"{name} B={B}"
+        assert _close(mom.batch_mean, ref["batch_mean"], math.sqrt(scale)), f"{name} B={B}"
+        assert _close(mom.batch_second_moment, ref["batch_second"], scale), f"{name} B={B}"

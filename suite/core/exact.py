@@ -22,8 +22,8 @@ from .errors import InputError
 from .mdp import MDP
 from .policies import Policy
 
-__all__ = ["ExactSolution", "check_gamma_horizon", "objective", "optimal_return", "pgt_gradient",
-           "solve"]
+__all__ = ["ExactSolution", "check_gamma_horizon", "objective", "occupancy", "optimal_return",
+           "pgt_gradient", "solve"]
 
 
 @dataclass(frozen=True)
@@ -73,11 +73,12 @@ def _backward(mdp: MDP, pi: Tensor, gamma: float, horizon: int) -> tuple[Tensor,
     return torch.stack(Q[::-1]), torch.stack(V[::-1])
 
 
-def _occupancy(mdp: MDP, pi: Tensor, horizon: int) -> Tensor:
-    """d [H, S]: probability of being in s at t with the episode still running."""
+def occupancy(mdp: MDP, pi: Tensor, horizon: int, rho0: Tensor | None = None) -> Tensor:
+    """d [H, S]: probability of being in s at t with the episode still running, from rho0
+    (default the MDP's)."""
     succ = mdp.successors
     flow = pi[:, :, None] * succ.prob * (~succ.terminated)  # [S, A, K]
-    d = [mdp.rho0]
+    d = [mdp.rho0 if rho0 is None else rho0]
     for _ in range(horizon - 1):
         mass = d[-1][:, None, None] * flow
         d.append(torch.zeros_like(d[-1]).index_add_(0, succ.next_state.reshape(-1),
@@ -108,7 +109,7 @@ def solve(mdp: MDP, policy: Policy, gamma: float, horizon: int) -> ExactSolution
     pi = pi.detach()
     return ExactSolution(
         J=float(J.detach()), grad=grad, pi=pi, Q=Q.detach(), V=V.detach(),
-        d=_occupancy(mdp, pi, horizon), gamma=float(gamma), horizon=int(horizon),
+        d=occupancy(mdp, pi, horizon), gamma=float(gamma), horizon=int(horizon),
     )
 
 

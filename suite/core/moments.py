@@ -30,6 +30,7 @@ of m = their number.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable
@@ -39,7 +40,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from .exact import ExactSolution
+from .exact import ExactSolution, occupancy
 from .mdp import MDP
 from .policies import Policy
 from .threads import intra_op_threads
@@ -274,8 +275,17 @@ class MomentModel:
 
     @property
     def d(self) -> Tensor:
-        """[H, S] occupancies: P(s_t = s, episode still running)."""
-        return self.sol.d
+        """[H, S] occupancies from the model's rho0: P(s_t = s, episode still running)."""
+        return self.__dict__.get("_d", self.sol.d)
+
+    def for_start(self, s: int) -> MomentModel:
+        """The same model with every trajectory starting in s (its lag matrices shared)."""
+        rho0 = torch.zeros_like(self.rho0)
+        rho0[s] = 1.0
+        out = copy.copy(self)
+        out.__dict__ = {k: v for k, v in self.__dict__.items() if k != "batch_parts"}
+        out.rho0, out._d = rho0, occupancy(self.mdp, self.pi, self.H, rho0)
+        return out
 
     @cached_property
     def components(self) -> list[Tensor]:
@@ -721,7 +731,7 @@ def _cross_dense(model: MomentModel, v: Tensor) -> float:
     for t in reversed(range(model.H)):
         if t < model.H - 1:  # omega holds Omega_{t+1}
             dots = model.score.dot_next(omega, model.next_state) * model.alive
-            total += sol.d[t] @ model.expect(dots)
+            total += model.d[t] @ model.expect(dots)
         omega = model.gamma**t * sol.V[t][:, None] * v[t][None, :] + model.prop(model.wn, omega)
     return float(total)
 
@@ -732,12 +742,12 @@ def _batch_parts(model: MomentModel) -> tuple[Tensor, float, float, float, float
     gamma, H, sol = model.gamma, model.H, model.sol
     disc = model.discount(gamma)
     g, X2 = _moments(model, Weighting(model.reward, gamma, gamma))
-    beta_t = (sol.d * sol.V[:-1]).sum(1)  # [H] E[G_t [t < T]]
+    beta_t = (model.d * sol.V[:-1]).sum(1)  # [H] E[G_t [t < T]]
     shift = beta_t[:, None].expand(H, model.S)
     plus = _moments(model, Weighting(model.reward, gamma, gamma, -shift))[1]
     minus = _moments(model, Weighting(model.reward, gamma, gamma, shift))[1]
     XZ = (plus - minus) / 4  # polarisation: E[X.Z]
-    k_t = disc**2 * (sol.d * (model.pi * model.score.sq_norm()).sum(1)).sum(1)  # [H]
+    k_t = disc**2 * (model.d * (model.pi * model.score.sq_norm()).sum(1)).sum(1)  # [H]
     m0 = torch.zeros(model.S, dtype=torch.float64)
     m1 = torch.zeros(model.S, dtype=torch.float64)
     e_t = torch.zeros(H, dtype=torch.float64)  # E[G_t^2 [t < T]]
@@ -746,9 +756,9 @@ def _batch_parts(model: MomentModel) -> tuple[Tensor, float, float, float, float
         m0n, m1n = model.nxt(m0), model.nxt(m1)
         m1 = model.expect(r * r + 2 * gamma * r * m0n + gamma**2 * m1n)
         m0 = model.expect(r + gamma * m0n)
-        e_t[t] = sol.d[t] @ m1
+        e_t[t] = model.d[t] @ m1
     # v_tt = gamma^t E[psi_t G_t [t < T]] = gamma^t sum_s d_t(s) sum_a pi psi(s, a) Q_t(s, a)
-    local = disc[:, None, None] * sol.d[:, :, None] * model.pi * sol.Q  # [H, S, A]
+    local = disc[:, None, None] * model.d[:, :, None] * model.pi * sol.Q  # [H, S, A]
     if model.lags is not None:
         blocks = torch.stack([_block(model, q) for q in local])  # [H, S, A]
         vv_diag = float((blocks**2).sum())

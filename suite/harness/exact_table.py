@@ -15,7 +15,9 @@ import torch
 from scipy import stats as st
 from torch import Tensor
 
+from ..core.errors import InputError
 from ..core.exact import ExactSolution
+from ..core.group_moments import RULES, Outcomes, group_moments, outcome_table
 from ..core.mdp import MDP
 from ..core.moments import ExactMoments, MomentModel, NoExact, exact_moments, project, relative_metrics
 from ..core.policies import Policy
@@ -55,18 +57,23 @@ def _finite_or_none(v):
     return v
 
 
+MAX_SHARED_STARTS = 16  # a shared start needs one exact run per start state
+
+
 def exact_rows(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, batch_size: int,
                factors: tuple[int, ...] = (1,), reference: str = "reinforce",
-               directions: bool = True) -> dict[str, ExactRow]:
+               directions: bool = True, shared_start: bool = False) -> dict[str, ExactRow]:
     """Exact moments and metrics of every estimator at batch size B (block factors k give the
     relative MSE at k B), and (``directions``) each one's agreement direction, its bias
-    direction when it is biased, else the gradient, with the exact variance along it."""
-    model = MomentModel(mdp, policy, sol)
-    moments: dict[str, ExactMoments | str] = {}
-    for est in estimators:
-        form = est.exact_form(model)
-        moments[est.name] = (form.reason if isinstance(form, NoExact)
-                             else exact_moments(model, form, batch_size))
+    direction when it is biased, else the gradient, with the exact variance along it.
+
+    The backward recursions give the estimators that declare a form; the group estimators of
+    LLM fine-tuning get theirs by conditioning on the members' outcomes (suite.core.group_moments)
+    where the MDP's trajectories can be enumerated. ``shared_start``: the B trajectories of a
+    batch share one start state drawn from rho0, so the moments are those given each start,
+    averaged with rho0 (one run per start state)."""
+    source = _Source(MomentModel(mdp, policy, sol), shared_start)
+    moments = {est.name: source.moments(est, batch_size) for est in estimators}
     ref = moments.get(reference)
     ref_var = ref.variance if isinstance(ref, ExactMoments) else None
     g = sol.grad.to(torch.float64)
@@ -82,11 +89,60 @@ def exact_rows(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, batch_s
         u = _direction(mom.batch_mean, g) if directions else None
         var_u = math.nan
         if u is not None:
-            along = MomentModel(mdp, policy, sol, project(model.score, u[:, None]))
-            m1 = exact_moments(along, est.exact_form(along), batch_size)
-            var_u = m1.batch_variance
+            along = _Source(MomentModel(mdp, policy, sol, project(source.model.score, u[:, None])),
+                            shared_start, groups=False).moments(est, batch_size)
+            var_u, u = (math.nan, None) if isinstance(along, str) else (along.batch_variance, u)
         rows[est.name] = ExactRow(est.name, mom, "", metrics, u, var_u)
     return rows
+
+
+class _Source:
+    """Where an estimator's exact moments come from: the backward recursions (per start state
+    when the start is shared), or the group engine for the group estimators."""
+
+    def __init__(self, model: MomentModel, shared_start: bool, groups: bool = True):
+        self.model, self.shared_start, self.groups = model, shared_start, groups
+        self.starts = torch.nonzero(model.rho0 > 0).squeeze(1).tolist()
+        self._outcomes: Outcomes | str | None = None
+
+    def moments(self, est, batch_size: int) -> ExactMoments | str:
+        """The estimator's ExactMoments, or the reason it has none."""
+        form = est.exact_form(self.model)
+        base = est.name.split(":")[0]
+        if isinstance(form, NoExact):
+            if not (self.groups and base in RULES and "agg" in est.params):
+                return form.reason
+            outcomes = self.outcomes()
+            if isinstance(outcomes, str):
+                return outcomes
+            result = group_moments(outcomes, base, est.params["agg"], batch_size,
+                                   self.shared_start)
+            return result.reason if isinstance(result, NoExact) else result
+        if not self.shared_start:
+            return exact_moments(self.model, form, batch_size)
+        if len(self.starts) > MAX_SHARED_STARTS:
+            return (f"shared start over {len(self.starts)} start states: the batch's moments "
+                    f"need one exact run per start state (at most {MAX_SHARED_STARTS} here)")
+        parts = []
+        for s in self.starts:
+            given = self.model.for_start(s)
+            parts.append((float(self.model.rho0[s]),
+                          exact_moments(given, est.exact_form(given), batch_size)))
+        return ExactMoments(sum(w * m.mean for w, m in parts),
+                            sum(w * m.second_moment for w, m in parts), int(batch_size),
+                            sum(w * m.batch_mean for w, m in parts),
+                            sum(w * m.batch_second_moment for w, m in parts))
+
+    def outcomes(self) -> Outcomes | str:
+        """The outcome table of the group engine (every trajectory enumerated), or why not."""
+        if self._outcomes is None:
+            m = self.model
+            try:
+                self._outcomes = outcome_table(m.mdp, m.policy, m.sol)
+            except InputError as exc:
+                self._outcomes = f"group estimator on an MDP whose trajectories cannot all be " \
+                                 f"enumerated ({exc})"
+        return self._outcomes
 
 
 def _direction(mean: Tensor, g: Tensor) -> Tensor | None:

@@ -24,19 +24,9 @@ from ..core.stats import SUMS, ChunkIndex, Moments, block_factors, summarize
 from ..core.threads import intra_op_threads
 from .exact_table import ExactRow, agreement, exact_rows
 
-__all__ = ["MIN_BATCHES", "Measurement", "check_sizes", "measure", "shared_start_rows", "statistics"]
+__all__ = ["MIN_BATCHES", "Measurement", "check_sizes", "measure", "statistics"]
 
 MIN_BATCHES = 10  # the t-test and the bootstrap need enough independent batches and groups
-SHARED_START_NO_EXACT = ("shared start: the exact engine assumes independent start states (each "
-                         "member's own moments are unchanged, the batch's are not); a group's "
-                         "exact moments: suite.core.group_moments")
-
-
-def shared_start_rows(estimators) -> dict[str, ExactRow]:
-    """The exact rows of a shared-start measurement: none, and why."""
-    return {e.name: ExactRow(e.name, None, SHARED_START_NO_EXACT) for e in estimators}
-
-
 @dataclass(frozen=True)
 class Measurement:
     """The statistics of every estimator on one rollout."""
@@ -98,10 +88,9 @@ def measure(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, n: int, ba
     started = time.perf_counter()
     M = n // batch_size
     factors = block_factors(M, batch_size)
-    if shared_start:
-        exact = shared_start_rows(estimators)
-    elif exact is None:
-        exact = exact_rows(mdp, policy, sol, estimators, batch_size, tuple(factors))
+    if exact is None:
+        exact = exact_rows(mdp, policy, sol, estimators, batch_size, tuple(factors),
+                           shared_start=shared_start)
     chunk, piece = _chunk_sizes(n, sol.horizon, max(factors) * batch_size)
     sampler = ChunkSampler(mdp, sol.pi, sol.horizon, n, seed, dev, chunk,
                            batch_size if shared_start else 1)

@@ -29,7 +29,7 @@ from ..core.metrics import by_name, verdict
 from ..core.sampler import resolve_device
 from ..core.stats import block_factors
 from .exact_table import exact_rows
-from .measure import MIN_BATCHES, Measurement, check_sizes, measure, shared_start_rows, statistics
+from .measure import MIN_BATCHES, Measurement, check_sizes, measure, statistics
 from .problem import make_problem
 from .study_spec import Objective, Range, StudySpec, fill, load_study
 from .tracking import Tracker, environment_tags, flatten_stats, tracking_uri
@@ -198,9 +198,9 @@ def run_trial(spec: StudySpec, trial: optuna.Trial, tracker: Tracker, parent: st
     started = time.perf_counter()
     results = []
     M = cond["trajectories"] // cond["batch_size"]
-    exact = shared_start_rows(chosen) if cond["shared_start"] else exact_rows(
-        mdp, policy, sol, chosen, cond["batch_size"],
-        tuple(block_factors(M, cond["batch_size"])) if sampled else (1,), directions=sampled)
+    exact = exact_rows(mdp, policy, sol, chosen, cond["batch_size"],
+                       tuple(block_factors(M, cond["batch_size"])) if sampled else (1,),
+                       directions=sampled, shared_start=cond["shared_start"])
     for seed in spec.seeds_for(params) if sampled else ():
         results.append(measure(mdp, policy, sol, chosen, cond["trajectories"], cond["batch_size"],
                                seed, spec.device, exact=exact, shared_start=cond["shared_start"]))
