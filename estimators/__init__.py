@@ -8,6 +8,6 @@ reference=...)``; the registry-wide tests then prove its claim by exact enumerat
 from . import returns  # noqa: F401, I001  (first: reinforce leads the registry)
 from . import baselines, critics, final_formula, groups  # noqa: F401  (populate the registry)
 from .context import Context
-from .registry import REGISTRY, Estimator, get, names, register, resolve
+from .registry import REGISTRY, Estimator, StepDraw, get, names, register, resolve
 
-__all__ = ["REGISTRY", "Context", "Estimator", "get", "names", "register", "resolve"]
+__all__ = ["REGISTRY", "Context", "Estimator", "StepDraw", "get", "names", "register", "resolve"]

@@ -64,7 +64,7 @@ def fitted_value_baseline(ctx: Context):
     return ctx.discount * (G - baseline)
 
 
-@register("optimal_constant_baseline", kind="grads", needs_batch=True, unbiased=True,
+@register("optimal_constant_baseline", needs_batch=True, unbiased=True,
           formula="(sum_t psi_tk)(G_0 - b_k), b_k = E[(sum_t psi_tk)^2 G_0] / E[(sum_t psi_tk)^2]",
           condition="unbiased: b is estimated on the other half of the batch (cross-fitting)",
           reference="Greensmith, Bartlett & Baxter 2004, 'Variance reduction techniques for "

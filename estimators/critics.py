@@ -31,7 +31,7 @@ def advantage_oracle(ctx: Context):
     return ctx.discount * adv
 
 
-@register("all_action", kind="grads", unbiased=True,
+@register("all_action", unbiased=True,
           formula="sum_t gamma^t sum_a grad pi(a|s_t) Q_t(s_t, a)",
           condition="unbiased: the expectation over a_t taken exactly (expected policy gradient)",
           reference="Ciosek & Whiteson 2018, 'Expected policy gradients'; Sutton et al. 2000",
@@ -136,7 +136,7 @@ def gae_entry(spec: str, **kw) -> Estimator:
         raise InputError(f"gae: critic must be exact, perturbed or timeless, got '{critic}'")
     unbiased, condition = _gae_claim(float(lam), critic)
     params = {"lam": float(lam), "critic": critic, "sigma": sigma, "seed": int(kw.get("seed", 0))}
-    return Estimator(spec, lambda ctx: gae(ctx, **params), "weights",
+    return Estimator(spec, lambda ctx: gae(ctx, **params),
                      f"GAE lambda={lam:g}, critic={critic}", "Schulman et al. 2016",
                      lambda gamma, _u=unbiased: _u, condition, False, params,
                      exact=lambda m: gae_form(m, **params))

@@ -112,7 +112,7 @@ def advantage(name: str, *, agg: str, formula: str, reference: str, condition: s
             register(name, formula=text, reference=reference, unbiased=unbiased, condition=claim,
                      needs_batch=needs_batch, no_exact=no_exact, agg=mode)(_weights(fn))
             return None
-        return Estimator(spec, _weights(fn, mode), "weights", text, reference,
+        return Estimator(spec, _weights(fn, mode), text, reference,
                          lambda gamma, _u=unbiased: _u, claim, needs_batch, {"agg": mode},
                          no_exact=no_exact)
 

@@ -1,14 +1,14 @@
 """The estimator registry: a decorator, a lookup with a did-you-mean, and the contract.
 
-An estimator is a short function of a ``Context`` (the batch, the exact solution, helpers) that
-returns one of three kinds of result:
+An estimator is a short function of a ``Context`` (the batch, the exact solution, helpers) whose
+return type says what it computed:
 
-* ``weights``: w [N, T]; the estimate is g_i = sum_t w_it grad log pi(a_it|s_it) over the steps
-  that happened (entries past the end of an episode are ignored, so they need no masking)
-* ``single_step``: (q [N, T], c [N, T]); one step t* ~ q_i (rows may sum to < 1: the rest is
-  "no step", estimate 0) and g_i = c_it* grad log pi(a_it*|s_it*). The exact expectation over t*
-  is the weighting q * c, which the enumeration tests use.
-* ``grads``: the per-trajectory gradients directly (a ``suite.core.contraction.Grads``)
+* a tensor of step weights w [N, T]: the estimate is g_i = sum_t w_it grad log pi(a_it|s_it) over
+  the steps that happened (entries past the end of an episode are ignored: no masking needed)
+* a ``StepDraw(q [N, T], c [N, T])``: one step t* ~ q_i (rows may sum to < 1: the rest is "no
+  step", estimate 0) and g_i = c_it* grad log pi(a_it*|s_it*). The exact expectation over t* is
+  the weighting q * c, which the enumeration tests use.
+* a ``suite.core.contraction.Grads``: the per-trajectory gradients directly
 
 Next to its claim, an entry declares how its exact moments are obtained (``exact=``): a function
 of a ``suite.core.moments.MomentModel`` returning a form the exact engine knows (``Weighting`` with
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -30,10 +31,17 @@ from suite.core.specs import parse_spec
 
 from .context import Context
 
-__all__ = ["FAMILIES", "REGISTRY", "Estimator", "get", "names", "register", "register_family",
-           "resolve"]
+__all__ = ["FAMILIES", "REGISTRY", "Estimator", "Result", "StepDraw", "get", "names", "register",
+           "register_family", "resolve"]
 
-KINDS = ("weights", "single_step", "grads")
+class StepDraw(NamedTuple):
+    """One step t* ~ q per trajectory, weighted by c there (see the module doc)."""
+
+    q: torch.Tensor  # [N, T] probability that t* = t (rows sum to <= 1)
+    c: torch.Tensor  # [N, T] the weight of step t when it is drawn
+
+
+Result = torch.Tensor | StepDraw | Grads  # what an estimator's function returns
 
 
 @dataclass(frozen=True)
@@ -41,8 +49,7 @@ class Estimator:
     """A registered estimator and its claim."""
 
     name: str
-    fn: Callable[[Context], object]
-    kind: str  # one of KINDS
+    fn: Callable[[Context], Result]
     formula: str  # one line
     reference: str
     unbiased_if: Callable[[float], bool]  # gamma -> is it claimed unbiased for grad J?
@@ -67,21 +74,27 @@ class Estimator:
         over the estimator's own randomness exactly instead of sampling it, which otherwise
         comes from ``generator`` (default ctx.generator)."""
         out = self.fn(ctx)
-        if self.kind == "weights":
-            return out
-        if self.kind != "single_step":
+        if isinstance(out, Grads):
             raise TypeError(f"{self.name} returns gradients, not weights")
-        q, c = out
-        if expectation:
-            return q * c
-        return _draw_single_step(q, c, generator or ctx.generator)
+        return _as_weights(out, expectation, generator or ctx.generator)
 
     def gradients(self, ctx: Context, expectation: bool = False,
                   generator: torch.Generator | None = None) -> Grads:
         """Per-trajectory gradients on ctx's batch (see ``weights``)."""
-        if self.kind == "grads":
-            return self.fn(ctx)
-        return ctx.score(self.weights(ctx, expectation, generator))
+        out = self.fn(ctx)
+        if isinstance(out, Grads):
+            return out
+        return ctx.score(_as_weights(out, expectation, generator or ctx.generator))
+
+
+def _as_weights(out: torch.Tensor | StepDraw, expectation: bool,
+                gen: torch.Generator | None) -> torch.Tensor:
+    """Weights [N, T] of a weighting, or of a step draw (drawn, or its expectation q * c)."""
+    if not isinstance(out, StepDraw):
+        return out
+    if expectation:
+        return out.q * out.c
+    return _draw_single_step(out.q, out.c, gen)
 
 
 def _draw_single_step(q: torch.Tensor, c: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -99,7 +112,7 @@ FAMILIES: dict[str, Callable[..., Estimator]] = {}
 
 
 def register(name: str, *, formula: str, reference: str, unbiased: bool | Callable[[float], bool],
-             condition: str, kind: str = "weights", needs_batch: bool = False,
+             condition: str, needs_batch: bool = False,
              exact: Callable[[MomentModel], Form] | None = None, no_exact: str = "", **params):
     """Decorator: ``@register("reinforce", formula=..., reference=..., unbiased=True,
     exact=lambda m: Reinforce())``.
@@ -107,8 +120,6 @@ def register(name: str, *, formula: str, reference: str, unbiased: bool | Callab
     Extra keyword arguments are bound to the function (one function, several entries). Give
     ``exact`` (a MomentModel -> form function) or ``no_exact`` (the reason there is none).
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if (exact is None) == (not no_exact):
         raise ValueError(f"estimator {name!r}: give exactly one of exact= and no_exact=")
     predicate = unbiased if callable(unbiased) else (lambda gamma, _u=bool(unbiased): _u)
@@ -121,7 +132,7 @@ def register(name: str, *, formula: str, reference: str, unbiased: bool | Callab
             def bound(ctx, _fn=fn, _p=params):
                 return _fn(ctx, **_p)
             bound.__doc__, bound.__wrapped__ = fn.__doc__, fn  # its docs are the function's
-        REGISTRY[name] = Estimator(name, bound, kind, formula, reference, predicate, condition,
+        REGISTRY[name] = Estimator(name, bound, formula, reference, predicate, condition,
                                    needs_batch, dict(params), exact, no_exact)
         return fn
 

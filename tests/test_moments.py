@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import estimators
-from estimators import Context
+from estimators import Context, StepDraw
 from suite.core.contraction import Contraction
 from suite.core.exact import solve
 from suite.core.moments import MomentModel, NoExact, exact_moments, project, relative_metrics
@@ -53,8 +53,9 @@ def enumerated(est, case: str, kind: str, B: int, shared: bool = False) -> dict[
                  else (batch, probs))
     ctx = Context(groups, sol.gamma, sol, Contraction(policy, torch.device("cpu")).for_batch(groups),
                   max(B, 1), mdp=mdp)
-    if est.kind == "single_step":  # E over t*: sum_t q_t (estimate with t* = t)
-        q, c = est.fn(ctx)
+    drawn = est.fn(ctx)
+    if isinstance(drawn, StepDraw):  # E over t*: sum_t q_t (estimate with t* = t)
+        q, c = drawn
         per_step = []
         for t in range(q.shape[1]):
             w = torch.zeros_like(c)

@@ -17,7 +17,9 @@ costs a scatter and a few passes over its values.
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Self
 
 import torch
 from torch import Tensor
@@ -61,25 +63,50 @@ class _Rows:
         return hit[1]
 
 
-class Grads:
-    """Per-trajectory gradients X [N, P] of one estimator on one batch (see module doc)."""
+class Grads(ABC):
+    """Per-trajectory gradients X [N, P] of one estimator on one batch (see module doc): the
+    whole contract the statistics and the estimators rely on."""
 
-    n: int
+    @property
+    @abstractmethod
+    def n(self) -> int:  # N trajectories
+        ...
 
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        ...
+
+    @abstractmethod
     def sq_norms(self) -> Tensor:  # [N] |X_i|^2
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def group_sum(self, group: Tensor, n_groups: int) -> Tensor:  # [G, P] sums of X_i by group
-        raise NotImplementedError
+        ...
 
-    def times_traj(self, c: Tensor) -> Grads:  # X_i * c_i
-        raise NotImplementedError
+    @abstractmethod
+    def times_traj(self, c: Tensor) -> Self:  # X_i * c_i
+        ...
 
-    def times_param(self, b: Tensor, group: Tensor) -> Grads:  # X_i * b[group_i], b [G, P]
-        raise NotImplementedError
+    @abstractmethod
+    def times_param(self, b: Tensor, group: Tensor) -> Self:  # X_i * b[group_i], b [G, P]
+        ...
+
+    @abstractmethod
+    def __add__(self, other: Self) -> Self:  # X + Y, entry by entry (same batch)
+        ...
+
+    @abstractmethod
+    def __sub__(self, other: Self) -> Self:
+        ...
+
+    @abstractmethod
+    def square(self) -> Self:  # X * X, entry by entry
+        ...
 
     def dense(self) -> Tensor:  # [N, P], for tests and small batches
-        return self.group_sum(torch.arange(self.n, device=self._device), self.n)
+        return self.group_sum(torch.arange(self.n, device=self.device), self.n)
 
 
 @dataclass(frozen=True)
@@ -92,7 +119,7 @@ class RowGrads(Grads):
         return self.rows.n
 
     @property
-    def _device(self) -> torch.device:
+    def device(self) -> torch.device:
         return self.values.device
 
     def sq_norms(self) -> Tensor:
@@ -131,7 +158,7 @@ class DenseGrads(Grads):
         return self.values.shape[0]
 
     @property
-    def _device(self) -> torch.device:
+    def device(self) -> torch.device:
         return self.values.device
 
     def sq_norms(self) -> Tensor:

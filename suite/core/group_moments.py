@@ -61,6 +61,11 @@ AGG_MODES = ("token-sum", "seq-mean-token-mean", "token-mean", "seq-mean-token-s
 GRPO_EPS = 1e-6  # GRPO's (R - mean) / (std + eps)
 WHITEN_EPS = 1e-8  # the variance floor of verl's masked_whiten: (x - m) / sqrt(v + 1e-8)
 MAX_PATHS = 1_000_000  # trajectories enumerated at most
+MAX_LATTICE = 4_000_000  # (sums of the other members) x (outcomes) held at once, at most
+
+
+class _TooLarge(Exception):
+    """The lattice of the other members' sums would not fit (returns take too many values)."""
 
 
 def greedy_return(mdp: MDP, pi: Tensor, gamma: float, horizon: int) -> Tensor:
@@ -239,6 +244,8 @@ def _sum_values(name: str, R: np.ndarray, L: np.ndarray) -> np.ndarray:
 def _convolve(keys: np.ndarray, probs: np.ndarray, phi: np.ndarray,
               p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distribution of T + phi_k (k ~ p, independent of T ~ (keys, probs)), equal keys merged."""
+    if len(probs) * len(p) > MAX_LATTICE:
+        raise _TooLarge(f"{len(probs):,} values of the others' sums x {len(p):,} outcomes")
     new_probs = (probs[:, None] * p[None, :]).reshape(-1)
     if keys.shape[1] == 0:  # no sums read: one key
         return keys[:1], np.array([new_probs.sum()])
@@ -356,10 +363,14 @@ def group_moments(outcomes: Outcomes, estimator: str, agg: str, batch_size: int,
     if missing is not None:
         return missing
     G = int(batch_size)
-    if not shared_start:
-        everyone = torch.ones_like(outcomes.prob, dtype=torch.bool)
-        return _moments(outcomes, everyone, 1.0, estimator, agg, G)
-    by_start = group_moments_by_start(outcomes, estimator, agg, G)
+    try:
+        if not shared_start:
+            everyone = torch.ones_like(outcomes.prob, dtype=torch.bool)
+            return _moments(outcomes, everyone, 1.0, estimator, agg, G)
+        by_start = group_moments_by_start(outcomes, estimator, agg, G)
+    except _TooLarge as exc:
+        return NoExact(f"returns and lengths take too many values to condition on ({exc}); the "
+                       f"exact group moments need few (a 0/1 verdict, lengths up to the limit)")
     w = {s: float(outcomes.rho0[s]) for s in by_start}
     mean = sum(w[s] * m.mean for s, m in by_start.items())
     return ExactMoments(mean, sum(w[s] * m.second_moment for s, m in by_start.items()), G, mean,
