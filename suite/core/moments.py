@@ -289,18 +289,19 @@ class MomentModel:
 
     @cached_property
     def components(self) -> list[Tensor]:
-        """States grouped by the weakly connected components of the transition graph."""
-        from scipy.sparse import coo_matrix
-        from scipy.sparse.csgraph import connected_components
-
-        src = torch.arange(self.S)[:, None, None].expand_as(self.next_state)
+        """States grouped by the weakly connected components of the transition graph (each
+        state takes the smallest label among its neighbours until nothing changes)."""
         keep = (self.prob > 0).reshape(-1)
-        graph = coo_matrix((torch.ones(int(keep.sum())).numpy(),
-                            (src.reshape(-1)[keep].numpy(), self.next_state.reshape(-1)[keep].numpy())),
-                           shape=(self.S, self.S))
-        _, labels = connected_components(graph, directed=True, connection="weak")
-        labels = torch.as_tensor(labels)
-        return [torch.nonzero(labels == c).squeeze(1) for c in range(int(labels.max()) + 1)]
+        src = torch.arange(self.S)[:, None, None].expand_as(self.next_state).reshape(-1)[keep]
+        dst = self.next_state.reshape(-1)[keep]
+        a, b = torch.cat([src, dst]), torch.cat([dst, src])  # both directions
+        labels = torch.arange(self.S)
+        while True:
+            new = labels.scatter_reduce(0, a, labels[b], reduce="amin")
+            if torch.equal(new, labels):
+                break
+            labels = new
+        return [torch.nonzero(labels == c).squeeze(1) for c in torch.unique(labels)]
 
     @cached_property
     def batch_parts(self) -> tuple[Tensor, float, float, float, float, float]:
@@ -515,19 +516,23 @@ def _single_step(model: MomentModel, form: SingleStep) -> tuple[Tensor, float]:
     alive = model.alive[..., None]
     weights = torch.zeros(S, model.pi.shape[1], dtype=torch.float64)
     second = torch.zeros((), dtype=torch.float64)
+    wl = model.w[..., None]
     for t in reversed(range(H)):
-        ended = torch.zeros(fm.numel(), dtype=torch.float64)
-        ended[slot(t + 1)] = 1.0  # a terminating transition at t: length t + 1
+        lo = slot(t + 1)  # alive at t: the length is at least t + 1 (a window on the L axis)
+        ended = torch.zeros(fm.numel() - lo, dtype=torch.float64)
+        ended[0] = 1.0  # a terminating transition at t: length t + 1
         y = _at(form.y, t).expand_as(model.w)[..., None]
-        pLn = alive * pL[model.next_state] + (1 - alive) * ended
-        mYLn, mY2Ln = alive * mYL[model.next_state], alive * mY2L[model.next_state]
+        pLn = alive * pL[:, lo:][model.next_state] + (1 - alive) * ended
+        mYLn, mY2Ln = alive * mYL[:, lo:][model.next_state], alive * mY2L[:, lo:][model.next_state]
         eY = y * pLn + beta * mYLn  # E[Y_t 1{T=L} | s, a, s']
         eY2 = y * y * pLn + 2 * beta * y * mYLn + beta**2 * mY2Ln
         at_t = model.d[t][:, None] * model.pi  # [S, A]: P(s_t = s, a_t = a, alive)
-        weights += at_t * form.q_time[t] * form.c_time[t] * (model.prob * (eY @ fm)).sum(-1)
-        second += (at_t * sq * form.q_time[t] * form.c_time[t]**2 * (model.prob * (eY2 @ fs)).sum(-1)).sum()
-        wl = model.w[..., None]
-        pL, mYL, mY2L = (wl * pLn).sum((1, 2)), (wl * eY).sum((1, 2)), (wl * eY2).sum((1, 2))
+        weights += at_t * form.q_time[t] * form.c_time[t] * (model.prob * (eY @ fm[lo:])).sum(-1)
+        second += (at_t * sq * form.q_time[t] * form.c_time[t]**2
+                   * (model.prob * (eY2 @ fs[lo:])).sum(-1)).sum()
+        pL, mYL, mY2L = z(), z(), z()
+        pL[:, lo:], mYL[:, lo:], mY2L[:, lo:] = ((wl * pLn).sum((1, 2)), (wl * eY).sum((1, 2)),
+                                                 (wl * eY2).sum((1, 2)))
     return model.score.combine(weights).sum(0), float(second)
 
 
@@ -585,7 +590,7 @@ def _ahead(lag: Tensor, E: Tensor, weights: Tensor | None = None) -> Tensor:
     and E [H, S, A] -> [H, S, A, K] (one vectorised pass per lag)."""
     H = E.shape[0]
     out = torch.zeros((H, *lag.shape[1:]), dtype=lag.dtype)
-    for l in range(H - 1):
+    for l in range(H - 1):  # measured faster than a grouped conv1d or an unfolded product
         term = lag[l] * E[l + 1:, :, :, None]
         out[: H - 1 - l] += term if weights is None else weights[l] * term
     return out
