@@ -1,7 +1,8 @@
 """MLflow runs of one study -> tidy pandas DataFrames. Nothing here looks at in-memory state.
 
 A study is one MLflow experiment (see ``suite.harness.study``): invocation runs, condition runs under them
-and estimator runs under those. Only FINISHED condition runs count; when the same condition was
+and estimator runs that name their condition run (tag ``condition_run``; runs logged before that
+tag existed were nested under it). Only FINISHED condition runs count; when the same condition was
 run more than once, the latest FINISHED run wins, and only its estimator runs are kept.
 """
 
@@ -201,9 +202,10 @@ def _label(row: pd.Series, varying: list[str]) -> str:
 
 def _estimators(runs: pd.DataFrame, cond: pd.DataFrame, skipped: dict[str, int]) -> pd.DataFrame:
     est = runs[runs["tag:kind"] == "estimator"]
-    kept = est[(est["status"] == "FINISHED") & est["parent"].isin(cond["condition_run"])]
+    of = est["tag:condition_run"].fillna(est["parent"]) if "tag:condition_run" in est else est["parent"]
+    kept = est[(est["status"] == "FINISHED") & of.isin(cond["condition_run"])]
     skipped["estimator runs not FINISHED or of a left-out condition"] = len(est) - len(kept)
-    out = pd.DataFrame({"estimator_run": kept["run_id"], "condition_run": kept["parent"],
+    out = pd.DataFrame({"estimator_run": kept["run_id"], "condition_run": of[kept.index],
                         "estimator": kept["param:estimator"],
                         "claims_unbiased": kept["param:claims_unbiased"].map(lambda s: s == "True")})
     for key, col in METRICS.items():  # a metric no run logged is a column of NaN

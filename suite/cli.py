@@ -25,6 +25,7 @@ from .harness.exact_table import exact_rows
 from .harness.measure import check_sizes, measure
 from .harness.problem import make_problem
 from .harness.study import run_study
+from .harness.tracking import ui_link
 
 __all__ = ["main"]
 
@@ -267,7 +268,8 @@ def cmd_study(args) -> int:
           + (f", {outcome.failed_now} failed in this run" if outcome.failed_now else ""))
     print(f"  Optuna storage  {outcome.storage}")
     print(f"  MLflow          {outcome.tracking_uri} (experiment '{outcome.name}', "
-          f"run {outcome.parent_run_id}); browse with `nox -s ui`")
+          f"run {outcome.parent_run_id})")
+    print(f"  MLflow UI       `nox -s ui`, then {ui_link(outcome.experiment_id)}")
     return 1 if outcome.failed_now else 0
 
 

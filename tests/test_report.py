@@ -153,3 +153,21 @@ def test_a_missing_store_is_not_created(tmp_path, monkeypatch, capsys):
     assert main(["report", "default"]) == 2
     assert "no MLflow store" in capsys.readouterr().err
     assert not (tmp_path / "none.db").exists()
+
+
+def test_estimator_runs_of_the_older_nested_layout_still_report(tmp_path, monkeypatch):
+    """Stores written before estimator runs moved to the top level nested them under their
+    condition run, without a condition_run tag; the report reads both."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    (tmp_path / "one.toml").write_text(textwrap.dedent(ONE_HORIZON))
+    run_study(tmp_path / "one.toml", storage=f"sqlite:///{tmp_path / 'o.db'}", progress=False)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("one_horizon")
+    for run in client.search_runs([exp.experiment_id], "tags.kind = 'estimator'"):
+        client.set_tag(run.info.run_id, "mlflow.parentRunId", run.data.tags["condition_run"])
+        client.delete_tag(run.info.run_id, "condition_run")
+    data = load_runs("one_horizon")
+    assert len(data.estimators) == 2 * 2
+    assert set(data.estimators["condition_run"]) == set(data.conditions["condition_run"])

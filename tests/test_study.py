@@ -71,13 +71,21 @@ def test_tiny_study_end_to_end_and_resume(stores):
     estimator_runs = [r for r in runs if r.data.tags["kind"] == "estimator"]
     assert {r.data.params["estimator"] for r in estimator_runs} == {
         "reinforce", "reward_to_go", "gae:lambda=0,critic=exact", "gae:lambda=0.9,critic=exact"}
-    for r in estimator_runs:
+    conditions = {c.info.run_id: c for c in runs if c.data.tags["kind"] == "condition"}
+    for r in estimator_runs:  # top level, named by estimator and condition, the condition's params
         assert {"bias/rel", "variance/trajectory", "test/inconclusive", "exact/variance",
-                "exact/rel_bias", "agreement/z", "test/alpha"} <= set(r.data.metrics)
+                "exact/rel_bias", "agreement/z", "test/alpha", "exact/J"} <= set(r.data.metrics)
         assert ("test/p_value" in r.data.metrics) != bool(r.data.metrics["test/inconclusive"])
         assert r.info.status == "FINISHED"
-        assert r.data.tags["mlflow.parentRunId"] in {c.info.run_id for c in runs
-                                                    if c.data.tags["kind"] == "condition"}
+        assert "mlflow.parentRunId" not in r.data.tags
+        cond = conditions[r.data.tags["condition_run"]]
+        assert {k: cond.data.params[k] for k in ("env", "gamma", "horizon", "lam")}.items() <= \
+            r.data.params.items()
+        assert r.info.run_name == f"{r.data.params['estimator']} | {r.data.params['condition']}"
+        lam = float(cond.data.params["lam"])
+        assert r.data.params["condition"] == f"{cond.data.params['env']} | lam={lam:g}"
+    assert MlflowClient(uri).get_experiment_by_name("tiny").tags["mlflow.experimentKind"] == \
+        "custom_model_development"
     parent = next(r for r in runs if r.data.tags["kind"] == "invocation")
     for tag in ("git_commit", "study_sha256", "device", "torch_version", "optuna_version",
                 "mlflow_version"):

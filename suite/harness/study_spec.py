@@ -82,11 +82,24 @@ class StudySpec:
         return hashlib.sha256(self.text.encode()).hexdigest()
 
     def grid(self) -> list[dict]:
-        """Every combination of the space's choices (grid sampler)."""
+        """Every combination of the space's choices (grid sampler), in the order the trials run:
+        each next point is one whose values have run least so far (ties: the first key varying
+        fastest), so that every stretch of trials mixes the environments, horizons, ... alike,
+        and early results and the progress estimate represent the whole study."""
         points: list[dict] = [{}]
-        for key, values in self.space.items():
-            points = [{**p, key: v} for p in points for v in values]
-        return points
+        for key, values in reversed(self.space.items()):
+            points = [{key: v, **p} for p in points for v in values]
+        if len(points) > 2000:  # the balancing below is quadratic
+            return points
+        ran: dict[tuple, int] = {}
+        order = []
+        while points:
+            i = min(range(len(points)), key=lambda i: sum(ran.get((k, repr(v)), 0)
+                                                          for k, v in points[i].items()))
+            order.append(points.pop(i))
+            for k, v in order[-1].items():
+                ran[k, repr(v)] = ran.get((k, repr(v)), 0) + 1
+        return order
 
     def condition(self, params: dict) -> dict:
         """The condition of a trial: the space's values, else the trial's case, else the fixed

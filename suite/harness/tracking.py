@@ -1,6 +1,8 @@
-"""MLflow records of a study: one experiment per study, a parent run per invocation, nested runs
-per condition and per estimator. Everything goes through MlflowClient, so several processes can
-log to the same store.
+"""MLflow records of a study: one experiment per study (MLflow's "Machine learning" type), a run
+per invocation with a nested run per condition, and a top-level run per estimator and condition
+(named by both, carrying the condition's parameters), so that the UI's filters and charts compare
+estimator runs directly. Everything goes through MlflowClient, so several processes can log to
+the same store.
 
 Metric keys are namespaced: ``bias/rel``, ``variance/trajectory``, ``test/p_value``,
 ``exact/variance``, ... (``suite.core.metrics.METRICS`` defines each; docs/metrics.md explains
@@ -17,12 +19,22 @@ from pathlib import Path
 
 from ..core.metrics import flatten
 
-__all__ = ["Tracker", "flatten_stats", "tracking_uri"]
+__all__ = ["EXPERIMENT_KIND", "Tracker", "flatten_stats", "tracking_uri", "ui_link"]
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+# The experiment tag MLflow 3 reads as the experiment's type ("Machine learning", not "GenAI apps
+# & agents"); the UI's GenAI/Model training switch is a URL parameter (or the user's last choice).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+UI_VIEW = "workflowType=machine_learning"
+
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
+
+
+def ui_link(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The experiment's runs in the MLflow UI's model-training view."""
+    return f"{base}/#/experiments/{experiment_id}/runs?{UI_VIEW}"
 
 
 def _git_commit() -> str:
@@ -83,8 +95,13 @@ class Tracker:
         self.uri = uri or tracking_uri()
         self.client = _Retrying(MlflowClient(tracking_uri=self.uri))
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = (found.experiment_id if found is not None
-                              else self.client.create_experiment(experiment))
+        key, kind = EXPERIMENT_KIND
+        if found is None:
+            self.experiment_id = self.client.create_experiment(experiment, tags={key: kind})
+        else:
+            self.experiment_id = found.experiment_id
+            if found.tags.get(key) != kind:  # a store written before the tag existed
+                self.client.set_experiment_tag(self.experiment_id, key, kind)
 
     def start(self, name: str, parent: str | None = None, tags: dict | None = None,
               params: dict | None = None) -> str:
