@@ -252,3 +252,18 @@ def test_shared_start_moments_equal_enumeration(name):
         assert _close(mom.second_moment, ref["second"], scale), f"{name} B={B}"
         assert _close(mom.batch_mean, ref["batch_mean"], math.sqrt(scale)), f"{name} B={B}"
         assert _close(mom.batch_second_moment, ref["batch_second"], scale), f"{name} B={B}"
+
+
+def test_zero_gradient_gives_defined_exact_metrics():
+    """FrozenLake with a horizon too short to reach the goal: grad J = 0 and every estimate 0;
+    the relative bias is 0 (defined), the ratios undefined (NaN), nothing crashes."""
+    from suite.harness.exact_table import exact_rows
+    from suite.harness.problem import make_problem
+
+    problem = make_problem("FrozenLake-v1", "uniform", 0.9, 4)
+    assert problem.solution.grad_norm == 0
+    rows = exact_rows(problem.mdp, problem.policy, problem.solution,
+                      estimators.resolve("reward_to_go,batch_mean_baseline"), 10)
+    for row in rows.values():
+        assert row.metrics["rel_bias"] == 0.0 and math.isnan(row.metrics["noise_to_signal"])
+        assert row.direction is None

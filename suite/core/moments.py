@@ -855,7 +855,9 @@ def relative_metrics(mom: ExactMoments, grad: Tensor, reference_variance: float 
     bvar = mom.batch_variance
     out = {
         "mean_norm": float(mom.batch_mean.norm()),
-        "rel_bias": math.sqrt(rel_bias_sq) if g_sq > 0 else nan,
+        # grad J = 0: relative bias 0 when the mean is 0 too (no bias), else infinite
+        "rel_bias": (math.sqrt(rel_bias_sq) if g_sq > 0
+                     else (0.0 if bias_sq <= 1e-30 else math.inf)),
         "second_moment": mom.second_moment,
         "variance": mom.variance,
         "batch_variance": bvar,
