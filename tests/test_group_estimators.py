@@ -254,3 +254,19 @@ def test_sampled_group_statistics_agree_with_the_exact_moments():
         assert z2 < 4, (name, z2)
         assert result.stats[name]["batch_variance"] == pytest.approx(gm.batch_variance, rel=0.1), \
             name
+
+
+def test_trajectories_are_counted_before_they_are_enumerated():
+    """count_paths equals the enumeration where it fits; a large MDP is refused from the count
+    (2.6e48 trajectories for FrozenLake at H 50), before anything is built."""
+    from suite.core.errors import InputError
+    from suite.core.group_moments import count_paths, enumerate_paths
+
+    from .conftest import tiny_mdp
+
+    for mdp, H in [(tiny_mdp(seed=1, S=3), 4), (tiny_mdp(seed=2, S=2, terminating=False), 3),
+                   (make_mdp("tokens:vocab=2,max_len=5,prompts=2"), 5)]:
+        pi = random_policy(mdp.n_states, mdp.n_actions, seed=0).probs()
+        assert count_paths(mdp, pi, H) == enumerate_paths(mdp, pi, H)[0].n
+    with pytest.raises(InputError, match="2.62e[+]48 at horizon 50, more than 1,000,000"):
+        enumerate_paths(make_mdp("FrozenLake-v1"), uniform(16, 4).probs(), 50)

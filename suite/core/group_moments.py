@@ -86,12 +86,36 @@ def greedy_return(mdp: MDP, pi: Tensor, gamma: float, horizon: int) -> Tensor:
 # The tables: every trajectory, grouped by its outcome
 # ---------------------------------------------------------------------------------------------
 
+def count_paths(mdp: MDP, pi: Tensor, horizon: int) -> float:
+    """The number of distinct trajectories (of positive probability) under policy table pi:
+    prefixes per state, pushed forward over the support of pi(a|s) P(s'|s,a), O(H transitions)."""
+    succ = mdp.successors
+    edge = (pi[:, :, None] > 0) & (succ.prob > 0)  # [S, A, K]
+    going = (edge & ~succ.terminated).to(torch.float64)
+    ending = (edge & succ.terminated).to(torch.float64).sum((1, 2))  # [S]
+    prefixes = (mdp.rho0 > 0).to(torch.float64)  # paths alive at t, by state
+    total = 0.0
+    for t in range(horizon):
+        if t == horizon - 1:
+            return total + float(prefixes @ edge.to(torch.float64).sum((1, 2)))
+        total += float(prefixes @ ending)
+        prefixes = torch.zeros_like(prefixes).index_add_(
+            0, succ.next_state.reshape(-1), (prefixes[:, None, None] * going).reshape(-1))
+    return total
+
+
 def enumerate_paths(mdp: MDP, pi: Tensor, horizon: int,
                     max_paths: int = MAX_PATHS) -> tuple[Batch, Tensor]:
     """Every trajectory of the MDP under policy table pi as a Batch padded to the horizon, and
-    its probability [N] (rho0 included); InputError when there are more than max_paths."""
+    its probability [N] (rho0 included); InputError when there are more than max_paths (counted
+    first, by a forward pass over the support, before anything is built)."""
     succ = mdp.successors
     pi = pi.detach().to(torch.float64).cpu()
+    total = count_paths(mdp, pi, horizon)
+    if total > max_paths:
+        raise InputError(f"exact group moments enumerate every trajectory: {mdp.name} has "
+                         f"{total:.3g} at horizon {horizon}, more than {max_paths:,}; use a "
+                         "smaller MDP or horizon")
     start = torch.nonzero(mdp.rho0 > 0).squeeze(1)
     prob = mdp.rho0[start]
     cols = {k: torch.zeros(len(start), 0, dtype=d) for k, d in
