@@ -9,7 +9,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from suite.core.contraction import Contraction, Grads
+from suite.core.contraction import BatchContraction, Grads
 from suite.core.exact import ExactSolution
 from suite.core.mdp import MDP
 from suite.core.sampler import Batch
@@ -22,7 +22,7 @@ class Context:
     batch: Batch  # N trajectories, padded to T steps
     gamma: float
     exact: ExactSolution  # on the batch's device: Q [H,S,A], V [H+1,S], pi [S,A]
-    contraction: Contraction  # indexed for this batch (contraction.for_batch(batch))
+    contraction: BatchContraction  # this batch's steps (Contraction(policy, device).for_batch(batch))
     batch_size: int  # B: trajectories i and j share a batch iff i // B == j // B
     generator: torch.Generator | None = None  # the estimators' own randomness
     mdp: MDP | None = None  # the model, for estimators that roll out more (remax's greedy baseline)

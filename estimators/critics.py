@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import update_wrapper
+
 import torch
 
 from suite.core.errors import InputError
@@ -135,11 +137,17 @@ def gae_entry(spec: str, **kw) -> Estimator:
     if critic not in ("exact", "perturbed", "timeless"):
         raise InputError(f"gae: critic must be exact, perturbed or timeless, got '{critic}'")
     unbiased, condition = _gae_claim(float(lam), critic)
-    params = {"lam": float(lam), "critic": critic, "sigma": sigma, "seed": int(kw.get("seed", 0))}
-    return Estimator(spec, lambda ctx: gae(ctx, **params),
-                     f"GAE lambda={lam:g}, critic={critic}", "Schulman et al. 2016",
-                     lambda gamma, _u=unbiased: _u, condition, False, params,
-                     exact=lambda m: gae_form(m, **params))
+    lam, seed = float(lam), int(kw.get("seed", 0))
+
+    def weights(ctx: Context) -> torch.Tensor:
+        return gae(ctx, lam, critic, sigma, seed)
+
+    def form(m: MomentModel) -> Weighting:
+        return gae_form(m, lam, critic, sigma, seed)
+
+    return Estimator(spec, update_wrapper(weights, gae), f"GAE lambda={lam:g}, critic={critic}",
+                     "Schulman et al. 2016", lambda gamma: unbiased, condition, False,
+                     {"lam": lam, "critic": critic, "sigma": sigma, "seed": seed}, exact=form)
 
 
 register_family("gae", gae_entry)

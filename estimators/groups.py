@@ -70,6 +70,8 @@ def _weights(adv: Callable[[Context], Tensor], mode: str | None = None) -> Calla
     """The registry's function of an advantage estimator: ctx (, agg) -> step weights [N, T],
     documented by the advantage function's own docstring."""
     def weights(ctx: Context, agg: str | None = mode) -> Tensor:
+        if agg is None:
+            raise TypeError("an advantage estimator's weights need its aggregation mode agg")
         return aggregated(ctx, adv, agg)
 
     return update_wrapper(weights, adv)
@@ -84,6 +86,11 @@ def _claim(mode: str, condition: str, unbiased_with: tuple[str, ...]) -> tuple[b
     suffix = f" (unbiased with agg=token-sum: {reason})" if "token-sum" in unbiased_with else \
         f"; the advantage too: {reason}"
     return False, f"biased: {MODE_NOTES[mode]}{suffix}"
+
+
+def _constant(value: bool) -> Callable[[float], bool]:
+    """A claim that does not depend on gamma."""
+    return lambda gamma: value
 
 
 def _no_exact(name: str) -> str:
@@ -112,9 +119,8 @@ def advantage(name: str, *, agg: str, formula: str, reference: str, condition: s
             register(name, formula=text, reference=reference, unbiased=unbiased, condition=claim,
                      needs_batch=needs_batch, no_exact=no_exact, agg=mode)(_weights(fn))
             return None
-        return Estimator(spec, _weights(fn, mode), text, reference,
-                         lambda gamma, _u=unbiased: _u, claim, needs_batch, {"agg": mode},
-                         no_exact=no_exact)
+        return Estimator(spec, _weights(fn, mode), text, reference, _constant(unbiased), claim,
+                         needs_batch, {"agg": mode}, no_exact=no_exact)
 
     def family(fn, spec: str, **options) -> Estimator:
         bad = sorted(set(options) - {"agg"})
@@ -125,7 +131,9 @@ def advantage(name: str, *, agg: str, formula: str, reference: str, condition: s
         if mode not in AGG_MODES:
             raise InputError(f"{name}: unknown aggregation mode '{mode}'"
                              f"{did_you_mean(mode, AGG_MODES)} known: {', '.join(AGG_MODES)}")
-        return entry(fn, mode, spec)
+        found = entry(fn, mode, spec)
+        assert found is not None  # a spec gives an unregistered entry
+        return found
 
     def deco(fn):
         entry(fn, agg)

@@ -97,7 +97,8 @@ def _as_weights(out: torch.Tensor | StepDraw, expectation: bool,
     return _draw_single_step(out.q, out.c, gen)
 
 
-def _draw_single_step(q: torch.Tensor, c: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def _draw_single_step(q: torch.Tensor, c: torch.Tensor,
+                      gen: torch.Generator | None) -> torch.Tensor:
     """Weights that are c_it* at one t* ~ q_i and 0 elsewhere (0 everywhere w.p. 1 - sum q_i)."""
     u = torch.rand(q.shape[0], 1, generator=gen, dtype=q.dtype, device=q.device)
     t_star = torch.searchsorted(q.cumsum(1), u, right=True)  # [N, 1]: number of cdf values <= u

@@ -10,13 +10,12 @@ Two forms of the same object, the per-trajectory gradients X [N, P]:
   cotangent on the log-pi (or pi) table and J [S*A, P] its Jacobian (torch.func.jacrev), exact
   because the policy sees the state only through its index.
 
-``Contraction.for_batch(batch)`` returns a copy indexed for one batch (piece); every estimator then
-costs a scatter and a few passes over its values.
+``Contraction.for_batch(batch)`` returns a ``BatchContraction`` indexed for one batch (piece); every
+estimator then costs a scatter and a few passes over its values.
 """
 
 from __future__ import annotations
 
-import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Self
@@ -27,7 +26,7 @@ from torch import Tensor
 from .policies import Policy
 from .sampler import Batch
 
-__all__ = ["Contraction", "DenseGrads", "Grads", "RowGrads"]
+__all__ = ["BatchContraction", "Contraction", "DenseGrads", "Grads", "RowGrads"]
 
 
 @dataclass(frozen=True)
@@ -186,7 +185,8 @@ class DenseGrads(Grads):
 
 
 class Contraction:
-    """Turns step weights (or per-step cotangents on pi) into Grads for one policy and batch."""
+    """What turning step weights into gradients needs of one policy: pi and, for a policy that is
+    not tabular, the Jacobians of its log-pi and pi tables. ``for_batch`` indexes a batch."""
 
     def __init__(self, policy: Policy, device: torch.device):
         self.policy = policy
@@ -194,18 +194,25 @@ class Contraction:
         theta = policy.params.detach()
         self.pi = policy.probs(theta).detach().to(device)  # [S, A]
         self.tabular = policy.tabular
-        if not self.tabular:  # Jacobians of the log-pi and pi tables, [S*A, P]
+        self.J_log: Tensor | None = None  # [S*A, P]
+        self.J_pi: Tensor | None = None
+        if not self.tabular:
             jac = torch.func.jacrev
             self.J_log = jac(lambda p: policy.log_probs(p).reshape(-1))(theta).to(device)
             self.J_pi = jac(lambda p: policy.probs(p).reshape(-1))(theta).to(device)
-        self.batch: Batch | None = None
 
-    def for_batch(self, batch: Batch) -> Contraction:
-        """A copy indexed for the batch's steps (shared by every estimator on this batch); self
+    def for_batch(self, batch: Batch) -> BatchContraction:
+        """The contraction indexed for one batch's steps (shared by every estimator on it); self
         is left as it was, so threads may share it."""
-        return copy.copy(self)._index(batch)
+        return BatchContraction(self, batch)
 
-    def _index(self, batch: Batch) -> Contraction:
+
+class BatchContraction:
+    """Turns step weights (or per-step cotangents on pi) into Grads on one batch."""
+
+    def __init__(self, base: Contraction, batch: Batch):
+        self.S, self.A, self.pi, self.tabular = base.S, base.A, base.pi, base.tabular
+        self.J_log, self.J_pi = base.J_log, base.J_pi
         self.batch = batch
         self.mask = batch.mask
         T = self.mask.shape[1]
@@ -226,7 +233,6 @@ class Contraction:
                               self.A)
             self.slot = step_row * self.A + actions  # [L] entry of each step in the [V, A] table
             self.pi_rows = self.pi[self.rows.row_state]  # [V, A]
-        return self
 
     def steps_of(self, x: Tensor) -> Tensor:
         """The sampled steps of x [N, T, ...], in the contraction's step order: [L, ...]."""
@@ -236,7 +242,7 @@ class Contraction:
         """X_i = sum_t w_it grad log pi(a_it|s_it), from weights [N, T] (entries past the end of
         an episode are ignored, whatever they hold)."""
         w = self.steps_of(weights)
-        if self.tabular:
+        if self.J_log is None:  # tabular
             r = self.rows
             counts = torch.zeros(len(r.row_traj) * self.A, dtype=w.dtype, device=w.device)
             counts = counts.index_add_(0, self.slot, w).reshape(-1, self.A)
@@ -249,7 +255,7 @@ class Contraction:
     def pi_grad(self, c: Tensor) -> Grads:
         """X_i = sum_t sum_a c_it[a] grad pi(a|s_it), from cotangents at the sampled steps
         c [L, A], in step order (step_traj, step_time, step_state)."""
-        if self.tabular:
+        if self.J_pi is None:  # tabular
             r = self.rows
             acc = torch.zeros(len(r.row_traj), self.A, dtype=c.dtype, device=c.device)
             weighted = self.pi_rows * acc.index_add_(0, r.step_row, c)

@@ -74,7 +74,7 @@ def from_gymnasium(env_id: str, **kwargs) -> MDP:
             f"{env_id} has no transition table (env.unwrapped.P): exact gradients need a tabular "
             f"model; use one of {', '.join(TOY_TEXT_IDS)}, a generator (garnet, chain) or an .npz"
         )
-    S, A = raw.observation_space.n, raw.action_space.n
+    S, A = int(raw.observation_space.n), int(raw.action_space.n)  # type: ignore[attr-defined]
     P = np.zeros((S, A, S))
     R = np.zeros((S, A, S))
     term = np.zeros((S, A, S), dtype=bool)

@@ -188,8 +188,8 @@ def outcome_table(mdp: MDP, policy: Policy, sol: ExactSolution,
     psi = Contraction(policy, torch.device("cpu")).for_batch(batch).score(
         torch.ones_like(batch.rewards))
     keys = np.stack([batch.states[:, 0].numpy(), ret.numpy(), batch.lengths.numpy()], 1)
-    uniq, cls = np.unique(keys, axis=0, return_inverse=True)
-    cls = torch.as_tensor(cls.reshape(-1))
+    uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+    cls = torch.as_tensor(inverse.reshape(-1))
     K = len(uniq)
     start = torch.as_tensor(uniq[:, 0]).long()
     return Outcomes(
@@ -328,8 +328,8 @@ def _merge(o: Outcomes, select: Tensor, features: tuple[str, ...], weight: float
     cols = {"R": o.ret[select].numpy(), "L": o.length[select].double().numpy(),
             "b": o.greedy[select].numpy()}
     key = np.stack([cols[f] for f in features], 1) if features else np.zeros((int(select.sum()), 1))
-    uniq, inv = np.unique(key, axis=0, return_inverse=True)
-    inv = torch.as_tensor(inv.reshape(-1))
+    uniq, inverse = np.unique(key, axis=0, return_inverse=True)
+    inv = torch.as_tensor(inverse.reshape(-1))
     K = len(uniq)
 
     def add(x: Tensor) -> Tensor:
@@ -395,10 +395,12 @@ def group_moments(outcomes: Outcomes, estimator: str, agg: str, batch_size: int,
     except _TooLarge as exc:
         return NoExact(f"returns and lengths take too many values to condition on ({exc}); the "
                        f"exact group moments need few (a 0/1 verdict, lengths up to the limit)")
-    w = {s: float(outcomes.rho0[s]) for s in by_start}
-    mean = sum(w[s] * m.mean for s, m in by_start.items())
-    return ExactMoments(mean, sum(w[s] * m.second_moment for s, m in by_start.items()), G, mean,
-                        sum(w[s] * m.batch_second_moment for s, m in by_start.items()))
+    if isinstance(by_start, NoExact):
+        return by_start
+    parts = [(float(outcomes.rho0[s]), m) for s, m in by_start.items()]
+    mean = torch.stack([w * m.mean for w, m in parts]).sum(0)
+    return ExactMoments(mean, float(sum(w * m.second_moment for w, m in parts)), G, mean,
+                        float(sum(w * m.batch_second_moment for w, m in parts)))
 
 
 def grpo_binary_scale(G: int, p: float, eps: float = GRPO_EPS) -> float:

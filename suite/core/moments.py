@@ -141,7 +141,9 @@ class ExactMoments:
 class Score:
     """psi(s, a) = grad log pi(a|s) in R^m, through four operations."""
 
-    m: int
+    @property
+    def m(self) -> int:  # the dimension of psi
+        raise NotImplementedError
 
     def sq_norm(self) -> Tensor:  # [S, A] |psi(s,a)|^2
         raise NotImplementedError
@@ -251,6 +253,7 @@ class MomentModel:
                  dense: bool = False):
         succ = mdp.successors
         self.dense = dense  # force the generic [S, m] recursions (tests compare both paths)
+        self._d: Tensor | None = None  # occupancies from another rho0 (for_start)
         self.mdp, self.policy, self.sol = mdp, policy, sol
         self.gamma, self.H = sol.gamma, sol.horizon
         self.pi = sol.pi.to(torch.float64)  # [S, A]
@@ -276,7 +279,7 @@ class MomentModel:
     @property
     def d(self) -> Tensor:
         """[H, S] occupancies from the model's rho0: P(s_t = s, episode still running)."""
-        return self.__dict__.get("_d", self.sol.d)
+        return self.sol.d if self._d is None else self._d
 
     def for_start(self, s: int) -> MomentModel:
         """The same model with every trajectory starting in s (its lag matrices shared)."""
@@ -567,7 +570,7 @@ class _Lags:
         N = torch.zeros(m.S, m.S, dtype=torch.float64) if y0 is not None else None
         for _ in range(m.H):
             yield M, N
-            if N is not None:
+            if N is not None and y0 is not None:
                 N = m.prop(m.wn * y0, M) + beta * m.prop(m.wn, N)
             M = m.prop(m.wn, M)
 
@@ -651,12 +654,13 @@ def _weighting_lag(model: MomentModel, form: Weighting, lags: _Lags) -> tuple[Te
             mY, mY2 = (model.expect(y + beta * mYn),
                        model.expect(y * y + 2 * beta * y * mYn + beta**2 * mY2n))
     cross = c_all * _ahead(lags.M, E1)  # c psi . h1(t+1, s')
-    if beta:
-        N = lags.path(_homogeneous(form.y).expand_as(model.w).contiguous(), beta)
+    y0 = _homogeneous(form.y)
+    if beta and y0 is not None:  # (_moments sends a y that changes with t elsewhere)
+        N = lags.path(y0.expand_as(model.w).contiguous(), beta)
         powers = beta ** torch.arange(H, dtype=torch.float64)
         cross += beta * (_ahead(N, E1) + _ahead(lags.M, E2, powers))  # beta psi . h2(t+1, s')
-    ot = o ** torch.arange(H, dtype=torch.float64)
-    local += 2 * ot[:, None] * (model.w * cross).sum((2, 3))
+    steps = o ** torch.arange(H, dtype=torch.float64)
+    local += 2 * steps[:, None] * (model.w * cross).sum((2, 3))
     return mean.reshape(-1), float(model.rho0 @ _backward_scalar(model, local))
 
 
@@ -843,7 +847,7 @@ def _exact_moments(model: MomentModel, form: Form, B: int) -> ExactMoments:
 
 
 def relative_metrics(mom: ExactMoments, grad: Tensor, reference_variance: float | None = None,
-                     block_factors: tuple[int, ...] = (1,)) -> dict:
+                     block_factors: tuple[int, ...] = (1,)) -> dict[str, object]:
     """The exact metrics of one estimator (docs/metrics.md): relative bias, variances,
     noise-to-signal, relative MSE at k B, batch sizes for a relative MSE of 0.1 and 0.01,
     variance ratio against the reference. Undefined ratios (grad J = 0) are NaN."""
@@ -853,7 +857,7 @@ def relative_metrics(mom: ExactMoments, grad: Tensor, reference_variance: float 
     bias_sq = float(((mom.batch_mean - g) ** 2).sum())
     rel_bias_sq = bias_sq / g_sq if g_sq > 0 else nan
     bvar = mom.batch_variance
-    out = {
+    out: dict[str, object] = {
         "mean_norm": float(mom.batch_mean.norm()),
         # grad J = 0: relative bias 0 when the mean is 0 too (no bias), else infinite
         "rel_bias": (math.sqrt(rel_bias_sq) if g_sq > 0

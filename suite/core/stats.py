@@ -328,7 +328,7 @@ def summarize(moments: dict[str, Moments], g: Tensor, reference: str = "reinforc
             "test_level_error": test.level_error,
             "test_method": "t-test of the batch estimates along grad J",
         }
-        if ref is not None:
+        if ref is not None and ref_boot is not None:
             row["variance_ratio"] = _ratio(float(c["var"]), float(ref["var"]))
             row["variance_ratio_ci"] = bootstrap_interval(b["var"] / ref_boot["var"])
             row["batch_variance_ratio"] = _ratio(float(c["var_b"]), float(ref["var_b"]))

@@ -71,7 +71,7 @@ def _score_distribution(values: np.ndarray, max_len: int) -> np.ndarray:
     final = np.zeros_like(live)
     for k in range(max_len):
         final += live / A  # EOS now
-        moved = sum(np.roll(live, int(v)) for v in values) / A  # one more token
+        moved = np.sum([np.roll(live, int(v)) for v in values], axis=0) / A  # one more token
         if k + 1 == max_len:
             final += moved
         else:
