@@ -67,8 +67,9 @@ def shared_env(session: nox.Session, *extras: str) -> Path:
 
 @nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
-    """Run the test suite on the CPU (pass pytest arguments after --)."""
-    python = shared_env(session, "test")
+    """Run the test suite on the CPU (pass pytest arguments after --). The PostgreSQL tests use
+    PG_TEST_URL, or start a server from Debian's postgresql package, and skip without one."""
+    python = shared_env(session, "test", "postgres")
     session.run(str(python), "-m", "pytest", *(session.posargs or ["-q"]))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from suite.core.io import write_files
+from suite.core.io import check_out_dir, write_files
 
 from .assemble import assemble
 from .load import load_runs, study_name
@@ -19,6 +19,8 @@ def build_report(study: str, out: str | Path | None = None, uri: str | None = No
     (default results/NAME/report); return the paths. Raises ``suite.core.errors.InputError`` on bad
     input, before anything is written; each file appears whole or not at all."""
     name = study_name(study)
+    if out:
+        check_out_dir(out)
     report = assemble(load_runs(name, uri))
     html = render_html(report).encode()
     pdf = render_pdf(report)

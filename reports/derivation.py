@@ -14,6 +14,7 @@ import pandas as pd
 
 import estimators
 from suite.core import stats as S
+from suite.harness.stores import mask
 
 from .load import StudyData, summarize
 
@@ -352,6 +353,7 @@ def provenance(data: StudyData) -> dict:
         row = {}
         for label, col in cols.items():
             v = r.get(col)
+            v = mask(v) if label == "Optuna storage" and isinstance(v, str) else v
             row[label] = ("–" if v is None or (isinstance(v, float) and math.isnan(v))
                           else v.strftime("%Y-%m-%d %H:%M:%S UTC") if isinstance(v, pd.Timestamp)
                           else str(v))

@@ -24,6 +24,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.colors import LogNorm, Normalize  # noqa: E402
 
 import estimators  # noqa: E402
+from suite.harness.stores import OPTUNA_SCHEMES, check_reachable, mask, parse_store_url  # noqa: E402
 
 from .load import StudyData  # noqa: E402
 
@@ -540,22 +541,24 @@ def _objective_names(data: StudyData, n: int) -> list[str]:
 
 
 def _open_optuna(name: str, storage: str | None):
-    """(study, None) or (None, reason); never creates a storage that does not exist."""
+    """(study, None) or (None, reason); never creates a storage that does not exist. The runs
+    record the storage URL with its password masked: the password then comes from libpq's own
+    sources (PGPASSWORD, ~/.pgpass)."""
     import optuna
 
     if not storage:
         return None, "the invocation runs name no Optuna storage."
-    if storage.startswith("sqlite:///"):
-        from pathlib import Path
-
-        path = Path(storage[len("sqlite:///"):])
-        if not path.is_file():
-            return None, f"the Optuna storage {storage} cannot be opened (no such file)."
+    shown = mask(storage)
+    url = storage.replace(":***@", "@")
     try:
+        store = parse_store_url(url, "Optuna storage", OPTUNA_SCHEMES)
+        if store.kind == "sqlite" and not store.path.is_file():
+            return None, f"the Optuna storage {shown} cannot be opened (no such file)."
+        check_reachable(store)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        return optuna.load_study(study_name=name, storage=storage), None
+        return optuna.load_study(study_name=name, storage=url), None
     except Exception as exc:
-        return None, f"the Optuna storage {storage} cannot be opened ({type(exc).__name__})."
+        return None, f"the Optuna storage {shown} cannot be opened ({type(exc).__name__})."
 
 
 FIGURES = (bias_figure, ratio_heatmap, horizon_figure, discount_figure, progress_figure,

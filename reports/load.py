@@ -20,7 +20,8 @@ import pandas as pd
 
 import estimators
 from suite.core.errors import InputError
-from suite.harness.study_spec import CONDITION_KEYS, load_study
+from suite.harness.stores import TRACKING_SCHEMES, check_reachable, mask, parse_store_url
+from suite.harness.study_spec import CONDITION_KEYS, check_study_name, load_study
 from suite.harness.tracking import tracking_uri
 
 __all__ = ["METRICS", "StudyData", "estimator_order", "load_runs", "study_name", "summarize",
@@ -49,7 +50,7 @@ class StudyData:
     """Everything a report shows, as read from MLflow."""
 
     name: str
-    uri: str
+    uri: str  # the tracking URI, password masked
     experiment_id: str
     invocations: pd.DataFrame  # one row per invocation run (tags and params as columns)
     conditions: pd.DataFrame  # one row per kept condition run
@@ -77,8 +78,9 @@ class StudyData:
 
 def study_name(arg: str) -> str:
     """The study (experiment) name: from a study file when ``arg`` is a path, else ``arg`` itself."""
-    if arg.endswith(".toml") or Path(arg).is_file():
+    if arg.endswith(".toml") or Path(arg).exists():
         return load_study(arg).name  # InputError when the file is missing or invalid
+    check_study_name(arg)  # the name becomes a folder under results/
     return arg
 
 
@@ -119,12 +121,13 @@ def _count(seeds) -> int:
 
 
 def _check_store(uri: str) -> None:
-    """Refuse a SQLite store that does not exist (MLflow would create an empty one)."""
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
-        if str(path) != ":memory:" and not path.is_file():
-            raise InputError(f"no MLflow store at {uri} (file {path} does not exist); set "
-                             "MLFLOW_TRACKING_URI to the store the study logged to")
+    """Refuse a SQLite store that does not exist (MLflow would create an empty one), and fail in
+    one line within seconds when a server does not answer (the password masked)."""
+    store = parse_store_url(uri, "MLflow tracking URI", TRACKING_SCHEMES)
+    if store.kind == "sqlite" and not store.path.is_file():
+        raise InputError(f"no MLflow store at {uri} (file {store.path} does not exist); set "
+                         "MLFLOW_TRACKING_URI to the store the study logged to")
+    check_reachable(store)
 
 
 def _search(client, experiment_id: str) -> list:
@@ -271,26 +274,27 @@ def load_runs(study: str, uri: str | None = None) -> StudyData:
     uri = uri or tracking_uri()
     _check_store(uri)
     client = MlflowClient(tracking_uri=uri)
+    shown = mask(uri)
     exp = client.get_experiment_by_name(study)
     if exp is None:
         known = sorted(e.name for e in client.search_experiments() if e.name != "Default")
-        raise InputError(f"no MLflow experiment named '{study}' in {uri}; known studies: "
+        raise InputError(f"no MLflow experiment named '{study}' in {shown}; known studies: "
                          f"{', '.join(known) or 'none'} (run `python -m suite study FILE` first)")
     runs = _frame(_search(client, exp.experiment_id))
     if runs.empty or "tag:kind" not in runs:
-        raise InputError(f"MLflow experiment '{study}' in {uri} has no study runs")
+        raise InputError(f"MLflow experiment '{study}' in {shown} has no study runs")
     skipped: dict[str, int] = {}
     cond, free = _conditions(runs, skipped)
     if cond.empty:
-        raise InputError(f"MLflow experiment '{study}' in {uri} has no FINISHED condition runs; "
+        raise InputError(f"MLflow experiment '{study}' in {shown} has no FINISHED condition runs; "
                          "run or resume the study first")
     varying = [k for k in (*CONDITION_KEYS, *free) if cond[k].nunique(dropna=False) > 1]
     cond["label"] = [_label(row, varying) for _, row in cond.iterrows()]
     est = _estimators(runs, cond, skipped)
     if est.empty:
-        raise InputError(f"MLflow experiment '{study}' in {uri} has no FINISHED estimator runs")
+        raise InputError(f"MLflow experiment '{study}' in {shown} has no FINISHED estimator runs")
     invocations = runs[runs["tag:kind"] == "invocation"].sort_values("start").reset_index(drop=True)
-    return StudyData(name=study, uri=uri, experiment_id=exp.experiment_id, invocations=invocations,
+    return StudyData(name=study, uri=shown, experiment_id=exp.experiment_id, invocations=invocations,
                      conditions=cond, estimators=est, batch=_batch(runs, est), free_params=free,
                      varying=varying, skipped=skipped, study_files=_study_files(client, invocations))
 

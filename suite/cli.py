@@ -6,6 +6,7 @@ Bad input prints one line on stderr and exits with code 2 before anything is wri
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -17,14 +18,14 @@ from reports.cli import add_report_parser
 
 from .core.envs import available_envs
 from .core.errors import InputError
-from .core.io import json_bytes, npy_bytes, npz_bytes, write_files
+from .core.io import check_out_dir, json_bytes, npy_bytes, npz_bytes, write_files
 from .core.metrics import METRICS, markdown_table, verdict
 from .core.sampler import resolve_device
 from .harness.estimator_files import load_estimator_files
 from .harness.exact_table import exact_rows
 from .harness.measure import check_sizes, measure
 from .harness.problem import make_problem
-from .harness.study import run_study
+from .harness.runner import run_study
 from .harness.tracking import ui_link
 
 __all__ = ["main"]
@@ -76,7 +77,14 @@ def exact_files(mdp, policy, sol) -> dict[str, bytes]:
             "exact_grad.npy": npy_bytes(grad.astype(np.float64))}
 
 
+def _check_common(args) -> None:
+    """Checks of the options every problem command shares, before any work."""
+    if args.out:
+        check_out_dir(args.out)
+
+
 def cmd_exact(args) -> int:
+    _check_common(args)
     mdp, policy, sol = _problem(args)
     print(f"environment  {mdp.name} ({mdp.n_states} states, {mdp.n_actions} actions)")
     print(f"policy       {policy.name} ({policy.kind}, {policy.n_params} parameters)")
@@ -90,8 +98,15 @@ def cmd_exact(args) -> int:
     return 0
 
 
+def _fmt(value: float, spec: str = ".3g") -> str:
+    """A number, or 'undefined' for NaN (a relative metric when grad J = 0, a ratio 0/0)."""
+    return "undefined" if value is None or math.isnan(value) else format(value, spec)
+
+
 def _fmt_ci(value: float, ci: list[float]) -> str:
-    return f"{value:.3g} [{ci[0]:.3g}, {ci[1]:.3g}]"
+    if math.isnan(value):
+        return "undefined"
+    return f"{value:.3g} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
 
 
 def _table(head: list[str], rows: list[list[str]]) -> str:
@@ -103,6 +118,11 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 
 def _num(x, spec: str = ".4g") -> str:
     return "-" if x is None else format(x, spec)
+
+
+def _needed(n) -> str:
+    """An inconclusive test: '-', with the trajectories it would need when more would help."""
+    return f"- (need {n:,})" if n else "-"
 
 
 def _rel(x) -> str:
@@ -127,12 +147,12 @@ def stats_table(stats: dict[str, dict], batch_size: int) -> str:
             _rel(ex.get("rel_bias")) if has else "n/a",
             _fmt_ci(row["scale"], row["scale_ci"]),
             (f"{row['p_value']:.4f}" + (" *" if row["rejects_unbiased"] else "")
-             if row["p_value"] is not None else f"- (need {row['trajectories_needed']:,})"),
+             if row["p_value"] is not None else _needed(row.get("trajectories_needed"))),
             _num(ex.get("variance")) if has else "n/a",
             _fmt_ci(agree["variance_ratio"], agree["variance_ratio_ci"]) if agree else "-",
             f"{agree['z']:+.2f}" if agree else "-",
             "-" if ratio is None else _fmt_ci(ratio, row["variance_ratio_ci"]),
-            f"{at_b['cosine']:.3f}" if at_b else "-",
+            _fmt(at_b["cosine"], ".3f") if at_b else "-",
         ])
     return _table(head, rows)
 
@@ -156,6 +176,9 @@ def moments_table(rows: dict, batch_size: int) -> str:
 
 
 def cmd_measure(args) -> int:
+    _check_common(args)
+    if args.seed < 0:
+        raise InputError(f"--seed must be >= 0 (a seed of numpy's SeedSequence), got {args.seed}")
     load_estimator_files(args.estimator_file)
     chosen = estimators.resolve(args.estimators)
     check_sizes(args.trajectories, args.batch_size, chosen)
@@ -182,6 +205,8 @@ def cmd_measure(args) -> int:
           f"{first['n_groups']} groups of batches; variance = trace of the per-trajectory "
           "covariance; exact = by recursion, no sampling; z = the sampled mean's distance from "
           "the exact mean along the bias (or gradient) direction, in standard errors.")
+    if sol.grad_norm == 0:
+        print("grad J = 0: relative bias and cosine are undefined (they divide by |grad J|).")
     if args.out:
         meta = {"env": mdp.name, "policy": policy.name, "gamma": sol.gamma, "horizon": sol.horizon,
                 "trajectories": args.trajectories, "batch_size": args.batch_size,
@@ -259,13 +284,16 @@ def cmd_estimators(args) -> int:
 def cmd_study(args) -> int:
     try:
         outcome = run_study(args.study_file, storage=args.storage, workers=args.workers,
-                            trials=args.trials, fail_running=args.fail_running)
+                            trials=args.trials, fail_running=args.fail_running,
+                            start_over=args.start_over)
     except KeyboardInterrupt:
-        print("interrupted: the running trial is marked failed and its MLflow runs killed; "
+        print("interrupted: the running trials are marked failed and their MLflow runs killed; "
               "run the same command again to resume", file=sys.stderr)
         return 130
-    print(f"study {outcome.name}: {outcome.complete} trials complete"
-          + (f", {outcome.failed_now} failed in this run" if outcome.failed_now else ""))
+    print(f"study {outcome.name}: {outcome.complete} conditions complete"
+          + (f", {outcome.failed_now} trial(s) failed in this run" if outcome.failed_now else ""))
+    for a in outcome.added:
+        print(f"  added           {', '.join(a.estimators)} to trial {a.trial}")
     print(f"  Optuna storage  {outcome.storage}")
     print(f"  MLflow          {outcome.tracking_uri} (experiment '{outcome.name}', "
           f"run {outcome.parent_run_id})")
@@ -324,7 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="processes sharing the storage")
     p.add_argument("--trials", type=int, help="run at most this many trials now")
     p.add_argument("--fail-running", action="store_true",
-                   help="mark trials left 'running' by a killed process as failed, and redo them")
+                   help="fail the trials left running by a worker that is provably gone (no "
+                        "heartbeat within the grace period) so that they are redone, and close "
+                        "the MLflow runs killed invocations left open")
+    p.add_argument("--start-over", action="store_true",
+                   help="discard the study's trials and MLflow runs and run it anew (needed after "
+                        "an edit that changes what its results mean)")
     p.set_defaults(func=cmd_study)
     p = sub.add_parser("metrics", help="list every metric: name, source, MLflow key, definition")
     p.add_argument("--markdown", action="store_true", help="as the table of docs/metrics.md")

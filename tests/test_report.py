@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from reports.derivation import fmt
 from reports.load import load_runs
 from suite.cli import main
-from suite.harness.study import run_study
+from suite.harness.runner import run_study
 
 ESTIMATORS = ["reinforce", "reward_to_go", "reward_to_go_missing_discount",
               "final_formula_single_step", "final_formula_rescaled", "pgt_state_sampling",

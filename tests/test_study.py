@@ -3,6 +3,7 @@
 import os
 import signal
 import textwrap
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from optuna.trial import TrialState
 
 from suite.cli import main
 from suite.core.errors import InputError
-from suite.harness.study import run_study
+from suite.harness.plan import frozen_params
+from suite.harness.runner import run_study
 from suite.harness.study_spec import load_study
 
 TINY = """
@@ -33,15 +35,6 @@ horizon = 8
 trajectories = 1000
 batch_size = 10
 """
-
-
-@pytest.fixture
-def stores(tmp_path, monkeypatch):
-    """Temporary MLflow and Optuna stores; the working directory is tmp_path."""
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return tmp_path, uri, f"sqlite:///{tmp_path / 'optuna.db'}"
 
 
 def _write(tmp_path, text, name="study.toml"):
@@ -126,7 +119,7 @@ def test_interrupted_study_resumes_without_losing_or_repeating(stores, monkeypat
     outcome = run_study(path, storage=storage, progress=False)
     complete = [t for t in _trials(storage, "tiny") if t.state == TrialState.COMPLETE]
     assert outcome.complete == 4 and len(complete) == 4
-    assert len({tuple(sorted(t.params.items())) for t in complete}) == 4
+    assert len({tuple(sorted(frozen_params(t).items())) for t in complete}) == 4
 
 
 def test_two_workers_run_every_trial_exactly_once(stores):
@@ -135,7 +128,7 @@ def test_two_workers_run_every_trial_exactly_once(stores):
     outcome = run_study(path, storage=storage, workers=2, progress=False)
     trials = _trials(storage, "tiny")
     assert outcome.complete == 4 and len(trials) == 4
-    assert len({tuple(sorted(t.params.items())) for t in trials}) == 4
+    assert len({tuple(sorted(frozen_params(t).items())) for t in trials}) == 4
     conditions = [r for r in _runs(uri, "tiny") if r.data.tags["kind"] == "condition"]
     assert len(conditions) == 4 and all(r.info.status == "FINISHED" for r in conditions)
 
@@ -226,16 +219,63 @@ def test_shipped_studies_load(name):
     assert spec.name == name
 
 
-def test_trials_left_running_by_a_killed_process_are_redone_on_request(stores):
+def test_only_trials_whose_heartbeat_is_stale_are_failed_on_request(stores, monkeypatch):
+    """A trial RUNNING with a stale heartbeat is failed by --fail-running and redone; one with
+    no heartbeat at all (an older version's) is reported and left alone: nothing proves its
+    worker gone."""
     tmp, uri, storage = stores
+    monkeypatch.setenv("SUITE_HEARTBEAT", "interval=1,grace=2")
     path = _write(tmp, TINY)
     run_study(path, storage=storage, trials=1, progress=False)
     study = optuna.load_study(study_name="tiny", storage=storage)
-    orphan = study.ask({"env": optuna.distributions.CategoricalDistribution(["FrozenLake-v1",
-                                                                               "chain:n=4"]),
-                        "lam": optuna.distributions.CategoricalDistribution([0.0, 0.9])})
-    assert orphan.params  # a trial some SIGKILLed process left RUNNING
-    run_study(path, storage=storage, fail_running=True, progress=False)
-    trials = _trials(storage, "tiny")
-    assert sum(t.state == TrialState.COMPLETE for t in trials) == 4
-    assert not any(t.state == TrialState.RUNNING for t in trials)
+    space = {"env": optuna.distributions.CategoricalDistribution(["FrozenLake-v1", "chain:n=4"]),
+             "lam": optuna.distributions.CategoricalDistribution([0.0, 0.9])}
+    dead = study.ask(space)  # a worker that died: its heartbeat stops
+    study._storage.record_heartbeat(dead._trial_id)
+    silent = study.ask(space)  # RUNNING without any heartbeat
+    time.sleep(3)
+    said = []
+    run_study(path, storage=storage, progress=False, say=said.append)
+    assert any("left RUNNING by a worker that is gone" in line for line in said), said
+    states = {t.number: t.state for t in _trials(storage, "tiny")}
+    assert states[dead.number] == states[silent.number] == TrialState.RUNNING
+    said.clear()
+    run_study(path, storage=storage, fail_running=True, progress=False, say=said.append)
+    states = {t.number: t.state for t in _trials(storage, "tiny")}
+    assert states[dead.number] == TrialState.FAIL
+    assert states[silent.number] == TrialState.RUNNING
+    assert any("without a heartbeat" in line for line in said), said
+    complete = [t for t in _trials(storage, "tiny") if t.state == TrialState.COMPLETE]
+    assert len({tuple(sorted(frozen_params(t).items())) for t in complete}) == len(complete)
+
+
+def test_a_worker_whose_trial_was_failed_meanwhile_discards_it_and_moves_on(stores, monkeypatch):
+    """Before: 'ValueError: Cannot tell a FAIL trial' ended the run. Now the worker learns at
+    commit that another process failed its trial (as it would a stale one), marks its runs
+    FAILED, goes on with the next trial, and a rerun redoes the trial once."""
+    tmp, uri, storage = stores
+    path = _write(tmp, TINY)
+    import suite.harness.study as study_module
+
+    real = study_module.measure
+    calls = {"n": 0}
+
+    def failed_elsewhere(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            study = optuna.load_study(study_name="tiny", storage=storage)
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            study._storage.set_trial_state_values(running[0]._trial_id, TrialState.FAIL)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(study_module, "measure", failed_elsewhere)
+    outcome = run_study(path, storage=storage, progress=False)
+    assert outcome.failed_now == 0 and outcome.complete == 3
+    statuses = Counter((r.data.tags["kind"], r.info.status) for r in _runs(uri, "tiny"))
+    assert statuses[("condition", "FAILED")] == 1 and statuses[("condition", "FINISHED")] == 3
+    monkeypatch.setattr(study_module, "measure", real)
+    assert run_study(path, storage=storage, progress=False).complete == 4
+    finished = Counter((r.data.params["env"], r.data.params["lam"], r.data.params["estimator"])
+                       for r in _runs(uri, "tiny")
+                       if r.data.tags["kind"] == "estimator" and r.info.status == "FINISHED")
+    assert len(finished) == 4 * 3 and set(finished.values()) == {1}

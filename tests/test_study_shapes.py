@@ -6,7 +6,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from suite.core.errors import InputError
-from suite.harness.study import run_study
+from suite.harness.runner import run_study
 from suite.harness.study_spec import load_study
 
 CASES = """

@@ -19,12 +19,13 @@ import numpy as np
 import torch
 
 from .errors import InputError, did_you_mean, unknown_name
+from .limits import check_limit
 from .mdp import MDP
 from .specs import parse_spec
 from .tokens import tokens
 
-__all__ = ["TOY_TEXT_IDS", "available_envs", "chain", "from_gymnasium", "garnet", "load_npz",
-           "make_mdp"]
+__all__ = ["TOY_TEXT_IDS", "available_envs", "chain", "check_size", "from_gymnasium", "garnet",
+           "load_npz", "make_mdp"]
 
 TOY_TEXT_IDS = (
     "FrozenLake-v1",
@@ -35,6 +36,19 @@ TOY_TEXT_IDS = (
 )
 # Options that change a toy_text environment's step() without changing its transition table.
 _UNMODELLED = {"fickle_passenger": "Taxi's fickle passenger is not in its transition table P"}
+
+
+def check_size(name: str, S: int, A: int) -> None:
+    """Refuse an environment whose tables would exceed the bounds (before allocating them)."""
+    check_limit("state_actions", S * A, f"{name}: states x actions ({S:,} x {A:,})")
+    check_limit("transitions", S * A * S, f"{name}: the transition table (states x actions x "
+                f"states, {S:,} x {A:,} x {S:,})")
+
+
+def _whole(name: str, **values) -> None:
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"{name}: option {key} must be a whole number, got {value!r}")
 
 
 def _tensor(array: np.ndarray, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -75,6 +89,7 @@ def from_gymnasium(env_id: str, **kwargs) -> MDP:
             f"model; use one of {', '.join(TOY_TEXT_IDS)}, a generator (garnet, chain) or an .npz"
         )
     S, A = int(raw.observation_space.n), int(raw.action_space.n)  # type: ignore[attr-defined]
+    check_size(env_id, S, A)
     P = np.zeros((S, A, S))
     R = np.zeros((S, A, S))
     term = np.zeros((S, A, S), dtype=bool)
@@ -116,11 +131,16 @@ def garnet(S: int = 20, A: int = 4, branching: int = 3, seed: int = 0) -> MDP:
     the gaps between sorted uniform cut points; reward r(s, a) ~ U[0, 1] (the same for every s');
     rho0 uniform; no termination. Deterministic given the seed.
     """
+    _whole("garnet", S=S, A=A, branching=branching, seed=seed)
     if S < 1 or A < 1 or not 1 <= branching <= S:
         raise InputError(
             f"garnet: need S >= 1, A >= 1 and 1 <= branching <= S, got S={S}, A={A}, "
             f"branching={branching}"
         )
+    if seed < 0:
+        raise InputError(f"garnet: seed must be >= 0, got {seed}")
+    check_size("garnet", S, 1)  # S x S before S x A: the message names the larger bound hit
+    check_size("garnet", S, A)
     rng = np.random.default_rng(seed)
     P = np.zeros((S, A, S))
     for s in range(S):
@@ -143,8 +163,10 @@ def chain(n: int = 10, slip: float = 0.0, reward: float = 1.0) -> MDP:
     max(s-1, 0) otherwise; action 0 ("left") moves to max(s-1, 0). Reaching state n-1 pays
     ``reward`` and ends the episode; every other transition pays 0.
     """
+    _whole("chain", n=n)
     if n < 2 or not 0.0 <= slip < 1.0:
         raise InputError(f"chain: need n >= 2 and 0 <= slip < 1, got n={n}, slip={slip}")
+    check_size("chain", n, 2)
     P = np.zeros((n, 2, n))
     for s in range(n):
         left = max(s - 1, 0)
@@ -187,6 +209,7 @@ def load_npz(path: str) -> MDP:
         raise InputError(f"{path}: P, R and rho0 must be numeric arrays ({exc})") from None
     if P.ndim != 3:
         raise InputError(f"{path}: P must have shape [S, A, S], got {list(P.shape)}")
+    check_size(path, P.shape[0], P.shape[1])
     if R.ndim == 2 and R.shape == P.shape[:2]:
         R = np.broadcast_to(R[:, :, None], P.shape).copy()
     term = arrays.get("terminated", np.zeros(P.shape, dtype=bool))

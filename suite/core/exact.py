@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .errors import InputError
+from .limits import check_limit
 from .mdp import MDP
 from .policies import Policy
 
@@ -59,6 +60,7 @@ def check_gamma_horizon(gamma: float, horizon: int) -> None:
         raise InputError(f"gamma must lie in [0, 1], got {gamma}")
     if int(horizon) != horizon or horizon < 1:
         raise InputError(f"horizon must be an integer >= 1, got {horizon}")
+    check_limit("horizon", int(horizon), "the horizon")
 
 
 def _backward(mdp: MDP, pi: Tensor, gamma: float, horizon: int) -> tuple[Tensor, Tensor]:

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["write_files", "json_bytes", "npy_bytes", "npz_bytes"]
+from .errors import InputError
+
+__all__ = ["check_out_dir", "json_bytes", "npy_bytes", "npz_bytes", "write_files"]
 
 
 def json_bytes(obj) -> bytes:
@@ -44,3 +46,19 @@ def write_files(out_dir: str | os.PathLike, files: dict[str, bytes | Callable[[]
         os.replace(tmp, out / name)
         written.append(out / name)
     return written
+
+
+def check_out_dir(path: str | os.PathLike) -> None:
+    """An output folder must be a folder (or creatable as one): checked before any work."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output folder '{out}' is a file; name a folder (it is created if "
+                         "missing)")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"output folder '{out}': '{parent}' is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"output folder '{out}': '{parent}' is not writable; choose a "
+                         "writable place")

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .errors import InputError, unknown_name
+from .limits import check_limit
 from .specs import parse_spec
 
 __all__ = ["POLICY_KINDS", "Policy", "call_with_options", "mlp", "policy_from_spec", "random_policy",
@@ -93,8 +94,10 @@ def from_npy(path: str, S: int, A: int) -> Policy:
             f"{path}: policy logits must have shape [S, A] = [{S}, {A}] for this environment, "
             f"got {list(logits.shape)}"
         )
-    if not np.issubdtype(logits.dtype, np.number) or not np.isfinite(logits).all():
-        raise InputError(f"{path}: policy logits must be finite numbers")
+    if (not (np.issubdtype(logits.dtype, np.floating) or np.issubdtype(logits.dtype, np.integer))
+            or not np.isfinite(logits).all()):
+        raise InputError(f"{path}: policy logits must be finite real numbers, got an array of "
+                         f"dtype {logits.dtype}; save real logits, e.g. np.save(path, logits.real)")
     return tabular(torch.as_tensor(logits, dtype=torch.float64), name=os.path.basename(path))
 
 
@@ -104,8 +107,11 @@ def mlp(S: int, A: int, hidden: int = 16, seed: int = 0, scale: float = 1.0) -> 
     Weights ~ N(0, scale^2 / fan_in), biases 0. Not tabular: theta has (S+1)*hidden + (hidden+1)*A
     entries and couples the states through the shared output layer.
     """
-    if hidden < 1:
-        raise InputError(f"mlp policy: hidden must be >= 1, got {hidden}")
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+        raise InputError(f"mlp policy: hidden must be a whole number >= 1, got {hidden!r}")
+    check_limit("parameters", (S + 1) * hidden + (hidden + 1) * A,
+                f"mlp policy: the number of parameters ((S+1) x hidden + (hidden+1) x A, "
+                f"hidden={hidden:,})")
     gen = torch.Generator().manual_seed(int(seed))
     w1 = torch.randn(hidden, S, generator=gen, dtype=torch.float64) * scale
     w2 = torch.randn(A, hidden, generator=gen, dtype=torch.float64) * scale / hidden**0.5

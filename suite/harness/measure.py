@@ -17,6 +17,7 @@ from estimators import Context
 from ..core.contraction import Contraction
 from ..core.errors import InputError
 from ..core.exact import ExactSolution
+from ..core.limits import check_limit
 from ..core.mdp import MDP
 from ..core.policies import Policy
 from ..core.sampler import ChunkSampler, default_chunk_size, resolve_device
@@ -44,6 +45,7 @@ def check_sizes(n: int, batch_size: int, estimators) -> None:
     """Raise InputError unless N, B suit the estimators (one line, with the fix)."""
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
+    check_limit("trajectories", n, "the number of trajectories")
     needy = [e.name for e in estimators if e.needs_batch]
     if needy and batch_size < 2:
         raise InputError(f"batch size must be >= 2 for {', '.join(needy)} (they use the other "

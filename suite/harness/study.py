@@ -1,59 +1,37 @@
-"""The Optuna driver: a study file's conditions become trials; each trial measures every
-estimator on the same trajectories for each seed, aggregates across seeds and logs to MLflow.
+"""Trials of a study: a condition's trial computes every estimator's exact moments, measures
+them on the same trajectories for each seed, pools the seeds and logs to MLflow; an *added*
+trial measures only the estimators a complete condition lacks (same seeds and device, so the
+same trajectories) and logs them under that condition's run.
 
-Trial allocation is a queue in the Optuna storage: this process enqueues the trials the plan still
-needs (grid points without a finished trial, or the number of search trials left), and every
-worker pops them atomically, so N workers (or several machines on one PostgreSQL storage) run
-each trial exactly once. Rerunning a study resumes it: complete trials are never redone; failed
-or interrupted ones are.
+A trial leaves its MLflow runs RUNNING: the caller (``suite.harness.runner``) commits the trial
+to Optuna first and closes the runs FINISHED only once the commit succeeded, so a result appears
+as FINISHED exactly when its trial is COMPLETE.
 """
 
 from __future__ import annotations
 
 import math
-import multiprocessing
-import os
-import signal
-import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import optuna
-from optuna.trial import TrialState
 
 import estimators
 
-from ..core.errors import InputError
 from ..core.metrics import by_name, verdict
 from ..core.sampler import resolve_device
 from ..core.stats import block_factors
 from .exact_table import exact_rows
 from .measure import MIN_BATCHES, Measurement, check_sizes, measure, statistics
+from .plan import chosen_estimators
 from .problem import make_problem
-from .progress import Progress
-from .study_spec import Objective, Range, StudySpec, fill, load_study
-from .tracking import Tracker, environment_tags, flatten_stats, tracking_uri
+from .study_spec import Objective, Range, StudySpec, fill
+from .tracking import Tracker, flatten_stats
 
-__all__ = ["StudyOutcome", "default_storage", "pool_seeds", "run_study"]
+__all__ = ["TRIAL_WORK", "check_condition_sizes", "condition_label", "directions", "exact_only",
+           "make_sampler", "objective_value", "pool_seeds", "run_added", "run_trial", "trial_params",
+           "trial_label", "trial_work"]
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-@dataclass(frozen=True)
-class StudyOutcome:
-    name: str
-    storage: str
-    tracking_uri: str
-    parent_run_id: str
-    complete: int  # trials complete in the storage after this invocation
-    failed_now: int  # trials that failed in this invocation
-    out_dir: Path
-    experiment_id: str = ""  # the study's MLflow experiment
-
-
-def default_storage(spec: StudySpec, out_dir: Path) -> str:
-    return f"sqlite:///{(out_dir / 'optuna.db').resolve()}"
 
 
 def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
@@ -67,70 +45,26 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     }[spec.sampler]()
 
 
-def _directions(spec: StudySpec) -> list[str]:
+def directions(spec: StudySpec) -> list[str]:
     # a grid study's value: how many estimators' verdicts contradict their claims
     return [o.direction for o in spec.objectives] or ["minimize"]
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage | str:
-    """SQLite storages wait up to a minute for a lock (several workers write to one file)."""
-    if url.startswith("sqlite:"):
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-    return url
-
-
-def _open_study(spec: StudySpec, storage: str) -> optuna.Study:
-    try:
-        return optuna.create_study(study_name=spec.name, storage=open_storage(storage),
-                                   load_if_exists=True, directions=_directions(spec),
-                                   sampler=make_sampler(spec))
-    except ValueError as exc:  # e.g. the same name with other directions
-        raise InputError(f"Optuna storage {storage}: {exc}") from None
-
-
-def _params_key(params: dict) -> tuple:
-    return tuple(sorted((k, repr(v)) for k, v in params.items()))
-
-
-def _enqueue(study: optuna.Study, spec: StudySpec, limit: int | None, fail_running: bool) -> int:
-    """Queue the trials the plan still needs; return how many are waiting now."""
-    trials = study.get_trials(deepcopy=False)
-    if fail_running:
-        for t in trials:
-            if t.state == TrialState.RUNNING:
-                study.tell(t.number, state=TrialState.FAIL)
-        trials = study.get_trials(deepcopy=False)
-    busy = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.WAITING,
-                                             TrialState.RUNNING)]
-    waiting = sum(t.state == TrialState.WAITING for t in trials)
-    if spec.sampler == "grid":
-        seen = {_params_key(t.params or t.system_attrs.get("fixed_params", {})) for t in busy}
-        todo = [p for p in spec.grid() if _params_key(p) not in seen]
-    else:
-        todo = [{}] * max(0, spec.trials - len(busy))
-    if limit is not None:
-        todo = todo[: max(0, limit - waiting)]
-    for params in todo:
-        study.enqueue_trial(params)
-    return waiting + len(todo)
-
-
-def _pop(study: optuna.Study) -> optuna.Trial | None:
-    """The next waiting trial, claimed atomically (the first half of Study.ask), or None."""
-    study._thread_local.cached_all_trials = None
-    trial_id = study._pop_waiting_trial_id()
-    return None if trial_id is None else optuna.Trial(study, trial_id)
-
-
-def _suggest(trial: optuna.Trial, space: dict) -> dict:
+def trial_params(trial: optuna.Trial, spec: StudySpec, fixed: bool = False) -> dict:
+    """The trial's parameters: a grid point (or an added trial's condition) as queued; a search
+    trial's sampled by Optuna. Queued values are not registered as Optuna distributions, so a
+    grid may gain values between runs (Optuna refuses a categorical whose choices change)."""
+    if fixed or spec.sampler == "grid":
+        return dict(trial.study._storage.get_trial(trial._trial_id).system_attrs
+                    .get("fixed_params", {}))
     params = {}
-    for key, spec in space.items():
-        if isinstance(spec, Range):
-            suggest = trial.suggest_int if spec.int else trial.suggest_float
-            low, high = (int(spec.low), int(spec.high)) if spec.int else (spec.low, spec.high)
-            params[key] = suggest(key, low, high, log=spec.log)
+    for key, space in spec.space.items():
+        if isinstance(space, Range):
+            suggest = trial.suggest_int if space.int else trial.suggest_float
+            low, high = (int(space.low), int(space.high)) if space.int else (space.low, space.high)
+            params[key] = suggest(key, low, high, log=space.log)
         else:
-            params[key] = trial.suggest_categorical(key, spec)
+            params[key] = trial.suggest_categorical(key, space)
     return params
 
 
@@ -206,7 +140,8 @@ def trial_work(spec: StudySpec, params: dict) -> float | None:
         return None
 
 
-def _label(spec: StudySpec, params: dict) -> str:
+def trial_label(spec: StudySpec, params: dict) -> str:
+    """condition_label, or the raw parameters when they make no condition (a failed search)."""
     try:
         return condition_label(spec, params)
     except (KeyError, TypeError, ValueError, IndexError):  # a search trial that failed early
@@ -215,58 +150,29 @@ def _label(spec: StudySpec, params: dict) -> str:
 
 def run_trial(spec: StudySpec, trial: optuna.Trial, tracker: Tracker, parent: str,
               open_runs: list[str]) -> list[float]:
-    """One condition: exact solution, one rollout per seed, every estimator, MLflow records."""
-    params = _suggest(trial, spec.space)
+    """One condition: exact solution, one rollout per seed, every estimator, MLflow records
+    (left RUNNING in ``open_runs``, the condition's run first)."""
+    params = trial_params(trial, spec)
     cond = spec.condition(params)
-    names = spec.estimator_names(params)
-    names = names if names == "all" else names + [fill(o.estimator, params) for o in spec.objectives]
-    chosen = estimators.resolve(names)
-    extra = [fill(o.baseline, params) for o in spec.objectives]
-    chosen += [estimators.get(n) for n in extra if n not in {e.name for e in chosen}]
-    sampled = cond["trajectories"] > 0  # 0: exact moments only
-    if sampled:
-        check_sizes(cond["trajectories"], cond["batch_size"], chosen)
-    elif cond["batch_size"] < 2 and any(e.needs_batch for e in chosen):
-        check_sizes(cond["batch_size"] * MIN_BATCHES, cond["batch_size"], chosen)  # the B rule
+    chosen = chosen_estimators(spec, params)
+    check_condition_sizes(cond, chosen)
     problem = make_problem(cond["env"], cond["policy"], cond["gamma"], cond["horizon"], cache=True)
-    mdp, policy, sol = problem.mdp, problem.policy, problem.solution
+    policy, sol = problem.policy, problem.solution
     free = {k: v for k, v in params.items() if k not in cond}
     run = tracker.start(f"trial {trial.number}: {cond['env']} | {cond['policy']} | gamma "
                         f"{cond['gamma']:g} | H {cond['horizon']}", parent,
-                        tags={"kind": "condition", "trial": trial.number, "study": spec.name},
+                        tags={"kind": "condition", "trial": trial.number, "study": spec.name,
+                              "optuna_trial_id": trial._trial_id},
                         params={**cond, **free, "seeds": list(spec.seeds_for(params)),
                                 "n_params": policy.n_params})
     open_runs.append(run)
     trial.set_user_attr("mlflow_run_id", run)
     started = time.perf_counter()
-    results = []
-    M = cond["trajectories"] // cond["batch_size"]
-    exact = exact_rows(mdp, policy, sol, chosen, cond["batch_size"],
-                       tuple(block_factors(M, cond["batch_size"])) if sampled else (1,),
-                       directions=sampled, shared_start=cond["shared_start"])
-    for seed in spec.seeds_for(params) if sampled else ():
-        results.append(measure(mdp, policy, sol, chosen, cond["trajectories"], cond["batch_size"],
-                               seed, spec.device, exact=exact, shared_start=cond["shared_start"]))
+    agg, results = _measure(spec, problem, chosen, cond, params, spec.device)
     steps = sum(r.n_steps for r in results)
-    agg = pool_seeds(results, chosen, sol, exact) if sampled else exact_only(chosen, sol, exact)
-    label = condition_label(spec, params)
-    for est in chosen:  # top-level runs: a UI filter returns them without their parents
-        row = agg[est.name]
-        est_run = tracker.start(f"{est.name} | {label}", tags={
-            "kind": "estimator", "study": spec.name, "trial": trial.number,
-            "condition_run": run, "invocation_run": parent},
-            params={**cond, **free, "estimator": est.name, "condition": label,
-                    "claims_unbiased": row["claims_unbiased"],
-                    "seeds": len(spec.seeds_for(params))})
-        open_runs.append(est_run)
-        tracker.log(est_run, {"exact/J": sol.J, "exact/grad_norm": sol.grad_norm,
-                              **flatten_stats(row)})
-        tracker.end(est_run)
-        open_runs.pop()
-    verdicts = {n: verdict(r["exact"].get("rel_bias"), r["rejects_unbiased"])[0]
-                for n, r in agg.items()}
-    violations = sum((v == "biased") == bool(agg[n]["claims_unbiased"])
-                     for n, v in verdicts.items() if v != "inconclusive")
+    log_estimators(tracker, spec, chosen, agg, cond, free, params, sol, run, parent, open_runs,
+                   {"trial": trial.number, "optuna_trial_id": trial._trial_id})
+    violations = _violations(agg, [e.name for e in chosen])
     values = ([objective_value(o, agg, params, cond["batch_size"]) for o in spec.objectives]
               or [float(violations)])
     metrics = {"exact/J": sol.J, "exact/grad_norm": sol.grad_norm, "run/seconds":
@@ -277,129 +183,79 @@ def run_trial(spec: StudySpec, trial: optuna.Trial, tracker: Tracker, parent: st
                            "grad_norm": sol.grad_norm, "aggregate": agg,
                            "per_seed": [r.stats for r in results]},
                      "stats.json")
-    tracker.end(run)
-    open_runs.pop()
+    trial.set_user_attr("estimators", [e.name for e in chosen])
+    trial.set_user_attr("device", resolve_device(spec.device).type)  # added estimators reuse it
     return values
 
 
-def _raise_interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C
-    raise KeyboardInterrupt
+def run_added(spec: StudySpec, trial: optuna.Trial, tracker: Tracker, parent: str,
+              open_runs: list[str]) -> list[float]:
+    """Estimators added to a complete condition: measured on the condition's seeds and device
+    (the same trajectories; reinforce comes along as the variance ratio's reference) and logged
+    under the condition's run. Returns how many of their verdicts contradict their claims."""
+    params = trial_params(trial, spec, fixed=True)
+    cond = spec.condition(params)
+    names = list(trial.user_attrs["estimators"])
+    chosen = estimators.resolve(names)
+    check_condition_sizes(cond, chosen)
+    problem = make_problem(cond["env"], cond["policy"], cond["gamma"], cond["horizon"], cache=True)
+    free = {k: v for k, v in params.items() if k not in cond}
+    # the condition's device: the same seed draws other trajectories on another device type
+    agg, _ = _measure(spec, problem, chosen, cond, params,
+                      trial.user_attrs.get("device") or spec.device)
+    log_estimators(tracker, spec, [e for e in chosen if e.name in names], agg, cond, free, params,
+                   problem.solution, trial.user_attrs["condition_run"], parent, open_runs,
+                   {"trial": trial.user_attrs["trial"], "added_by": parent,
+                    "optuna_trial_id": trial._trial_id})
+    return [float(_violations(agg, names))]
 
 
-def worker(spec_path: str, storage: str, parent: str, uri: str, limit: int | None = None,
-           on_trial=None) -> int:
-    """Pop and run trials until the queue is empty (or ``limit`` ran). Returns failures."""
-    spec = load_study(spec_path)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    study = optuna.load_study(study_name=spec.name, storage=open_storage(storage),
-                              sampler=make_sampler(spec))
-    tracker = Tracker(spec.name, uri)
-    failures = ran = 0
-    while limit is None or ran < limit:
-        trial = _pop(study)
-        if trial is None:
-            break
-        ran += 1
-        open_runs: list[str] = []
-        try:
-            values = run_trial(spec, trial, tracker, parent, open_runs)
-        except KeyboardInterrupt:
-            study.tell(trial, state=TrialState.FAIL)
-            for run in open_runs:
-                tracker.end(run, "KILLED")
-            raise
-        except Exception as exc:  # the condition failed: record it, go on with the others
-            failures += 1
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
-            study.tell(trial, state=TrialState.FAIL)
-            for run in open_runs:
-                tracker.client.set_tag(run, "error", f"{type(exc).__name__}: {exc}")
-                tracker.end(run, "FAILED")
-            print(f"trial {trial.number} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        else:
-            study.tell(trial, values)
-        if on_trial:
-            on_trial()
-    return failures
+def check_condition_sizes(cond: dict, chosen) -> None:
+    """N and B suit the estimators (N = 0: exact moments only, B still checked)."""
+    if cond["trajectories"] > 0:
+        check_sizes(cond["trajectories"], cond["batch_size"], chosen)
+    elif cond["batch_size"] < 2 and any(e.needs_batch for e in chosen):
+        check_sizes(cond["batch_size"] * MIN_BATCHES, cond["batch_size"], chosen)  # the B rule
 
 
-def _worker_entry(args, threads: int) -> int:
-    import torch
-
-    torch.set_num_threads(threads)  # the machine's cores shared between the worker processes
-    try:
-        return worker(*args)
-    except KeyboardInterrupt:
-        return -1
-
-
-def run_study(path: str | Path, storage: str | None = None, workers: int = 1,
-              trials: int | None = None, out_dir: str | Path | None = None,
-              fail_running: bool = False, progress: bool = True) -> StudyOutcome:
-    """Run (or resume) the study in ``path``; see the module doc."""
-    spec = load_study(path)
-    if workers < 1:
-        raise InputError(f"--workers must be >= 1, got {workers}")
-    if trials is not None and trials < 1:
-        raise InputError(f"--trials must be >= 1, got {trials}")
-    device = str(resolve_device(spec.device))
-    out = Path(out_dir) if out_dir else Path("results") / spec.name
-    out.mkdir(parents=True, exist_ok=True)
-    storage = storage or default_storage(spec, out)
-    study = _open_study(spec, storage)
-    queued = _enqueue(study, spec, trials, fail_running)
-    uri = tracking_uri()
-    tracker = Tracker(spec.name, uri)
-    parent = tracker.start(f"{spec.name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
-                           tags={"kind": "invocation", "study": spec.name,
-                                 "study_sha256": spec.sha256, "optuna_storage": storage,
-                                 "sampler": spec.sampler, **environment_tags(device)},
-                           params={"workers": workers, "queued_trials": queued,
-                                   "study_file": str(spec.path)})
-    tracker.log_file(parent, spec.path)
-    before = _finished(study)
-    follow = Progress(spec.name, study.get_trials(deepcopy=False, states=(TrialState.WAITING,)),
-                      trials, lambda p: trial_work(spec, p), lambda p: _label(spec, p),
-                      enabled=progress)
-    try:
-        if workers == 1:
-            failed = worker(str(spec.path), storage, parent, uri, trials,
-                            on_trial=lambda: follow.update(study.get_trials(deepcopy=False)))
-        else:
-            failed = _run_workers(spec, storage, parent, uri, workers, follow, study)
-    except KeyboardInterrupt:
-        tracker.end(parent, "KILLED")
-        raise
-    except BaseException:
-        tracker.end(parent, "FAILED")
-        raise
-    finally:
-        follow.close()
-    complete = sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
-    tracker.log(parent, {"trials/complete": complete, "trials/failed_now": failed,
-                         "trials/finished_now": _finished(study) - before})
-    tracker.end(parent, "FINISHED" if failed == 0 else "FAILED")
-    return StudyOutcome(spec.name, storage, uri, parent, complete, failed, out,
-                        tracker.experiment_id)
+def _measure(spec: StudySpec, problem, chosen, cond: dict, params: dict,
+             device: str) -> tuple[dict[str, dict], list[Measurement]]:
+    """Exact moments of every chosen estimator, then one rollout per seed (none when the
+    condition asks for 0 trajectories); the seeds' statistics pooled, and each rollout's."""
+    mdp, policy, sol = problem.mdp, problem.policy, problem.solution
+    sampled = cond["trajectories"] > 0  # 0: exact moments only
+    M = cond["trajectories"] // cond["batch_size"]
+    exact = exact_rows(mdp, policy, sol, chosen, cond["batch_size"],
+                       tuple(block_factors(M, cond["batch_size"])) if sampled else (1,),
+                       directions=sampled, shared_start=cond["shared_start"])
+    results = [measure(mdp, policy, sol, chosen, cond["trajectories"], cond["batch_size"], seed,
+                       device, exact=exact, shared_start=cond["shared_start"])
+               for seed in (spec.seeds_for(params) if sampled else ())]
+    agg = pool_seeds(results, chosen, sol, exact) if sampled else exact_only(chosen, sol, exact)
+    return agg, results
 
 
-def _finished(study: optuna.Study) -> int:
-    return sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+def _violations(agg: dict[str, dict], names: list[str]) -> int:
+    """How many of these estimators' verdicts contradict their claims (inconclusive ones aside)."""
+    verdicts = {n: verdict(agg[n]["exact"].get("rel_bias"), agg[n]["rejects_unbiased"])[0]
+                for n in names}
+    return sum((v == "biased") == bool(agg[n]["claims_unbiased"])
+               for n, v in verdicts.items() if v != "inconclusive")
 
 
-def _run_workers(spec, storage, parent, uri, workers, follow: Progress, study) -> int:
-    """N spawned processes on the same storage; a worker that dies abruptly raises
-    BrokenProcessPool here instead of leaving the pool waiting forever."""
-    from concurrent.futures import ProcessPoolExecutor, wait
-
-    args = (str(spec.path), storage, parent, uri)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        futures = [pool.submit(_worker_entry, args, threads) for _ in range(workers)]
-        while wait(futures, timeout=1.0)[1]:
-            follow.update(study.get_trials(deepcopy=False))
-        codes = [f.result() for f in futures]
-    follow.update(study.get_trials(deepcopy=False))
-    if any(c < 0 for c in codes):
-        raise KeyboardInterrupt
-    return sum(codes)
+def log_estimators(tracker: Tracker, spec: StudySpec, chosen, agg: dict[str, dict], cond: dict,
+                   free: dict, params: dict, sol, condition_run: str, invocation_run: str,
+                   open_runs: list[str], tags: dict) -> None:
+    """One MLflow run per estimator, naming its condition's run, left RUNNING in ``open_runs``."""
+    label = condition_label(spec, params)
+    for est in chosen:  # top-level runs: a UI filter returns them without their parents
+        row = agg[est.name]
+        est_run = tracker.start(f"{est.name} | {label}", tags={
+            "kind": "estimator", "study": spec.name, "condition_run": condition_run,
+            "invocation_run": invocation_run, **tags},
+            params={**cond, **free, "estimator": est.name, "condition": label,
+                    "claims_unbiased": row["claims_unbiased"],
+                    "seeds": len(spec.seeds_for(params))})
+        open_runs.append(est_run)
+        tracker.log(est_run, {"exact/J": sol.J, "exact/grad_norm": sol.grad_norm,
+                              **flatten_stats(row)})

@@ -29,7 +29,8 @@ from ..core.specs import parse_spec
 from .estimator_files import load_estimator_files
 from .problem import POLICY_KINDS
 
-__all__ = ["CONDITION_KEYS", "METRICS", "SAMPLERS", "Objective", "Range", "StudySpec", "load_study"]
+__all__ = ["CONDITION_KEYS", "METRICS", "SAMPLERS", "Objective", "Range", "StudySpec",
+           "check_study_name", "load_study"]
 
 SAMPLERS = ("grid", "random", "tpe", "cmaes", "nsga2")
 CONDITION_KEYS = ("env", "policy", "gamma", "horizon", "trajectories", "batch_size", "shared_start")
@@ -39,7 +40,10 @@ STUDY_KEYS = ("name", "description", "sampler", "trials", "seeds", "device", "es
 OBJECTIVE_KEYS = ("metric", "estimator", "baseline", "direction")
 # per-estimator metrics an objective may name: those of the metric table with a direction
 METRICS = tuple(m.name for m in TABLE if m.direction is not None)
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+# a template's format spec: what a number needs, [width][.precision][type], width and precision
+# below 100 (e.g. {lam:.3g}, {n:03d}); fill, alignment, sign and conversions are refused
+_FORMAT_SPEC = re.compile(r"^[0-9]{0,2}(\.[0-9]{1,2})?[defgEG%]?$")
 
 
 @dataclass(frozen=True)
@@ -122,19 +126,35 @@ class StudySpec:
         return [fill(e, params) for e in self.estimators]
 
 
+class _Filler(string.Formatter):
+    """str.format where a float without a format spec prints short (0.1, not 0.1000000000000001)."""
+
+    def format_field(self, value, format_spec: str) -> str:
+        if not format_spec and isinstance(value, float):
+            return f"{value:.6g}"
+        return super().format_field(value, format_spec)
+
+
 def fill(value, params: dict):
-    """'gae:lambda={lam}' with params {'lam': 0.5} -> 'gae:lambda=0.5' (non-strings unchanged)."""
+    """'gae:lambda={lam}' with params {'lam': 0.5} -> 'gae:lambda=0.5'; '{lam:.2f}' -> '0.50'
+    (non-strings unchanged)."""
     if not isinstance(value, str):
         return value
-    return value.format(**{k: _short(v) for k, v in params.items()})
-
-
-def _short(v):
-    return f"{v:.6g}" if isinstance(v, float) else v
+    try:
+        return _Filler().format(value, **params)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise InputError(f"template '{value}' cannot be filled with {params}: {exc}") from None
 
 
 def _fail(path: Path, key: str, rule: str, value) -> InputError:
     return InputError(f"{path}: {key}: {rule}, got {value!r}")
+
+
+def check_study_name(name) -> None:
+    """A study's name is also a folder and an MLflow experiment: a plain, short name."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InputError(f"study name must be 1 to 100 letters, digits, '.', '_' or '-', starting "
+                         f"with a letter or digit, got {name!r}; name a study file or a study")
 
 
 def _check_keys(path: Path, section: str, table: dict, allowed) -> None:
@@ -148,9 +168,19 @@ def load_study(path: str | Path) -> StudySpec:
     """Read and validate a study file; raise InputError naming the file, key, rule and value."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise InputError(f"study file '{path}' does not exist") from None
+    except IsADirectoryError:
+        raise InputError(f"study file '{path}' is a folder; name a .toml file, e.g. "
+                         "studies/default.toml") from None
+    except PermissionError:
+        raise InputError(f"study file '{path}' cannot be read (permission denied)") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text (byte {exc.start}); save the study file as "
+                         "UTF-8") from None
+    except OSError as exc:
+        raise InputError(f"study file '{path}' cannot be read ({exc.strerror})") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -162,7 +192,8 @@ def load_study(path: str | Path) -> StudySpec:
     _check_keys(path, "study.", study, STUDY_KEYS)
     name = study.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
-        raise _fail(path, "study.name", "must be letters, digits, '.', '_' or '-'", name)
+        raise _fail(path, "study.name", "must be 1 to 100 letters, digits, '.', '_' or '-', "
+                    "starting with a letter or digit", name)
     sampler = study.get("sampler", "grid")
     if sampler not in SAMPLERS:
         raise InputError(f"{path}: study.sampler: unknown sampler '{sampler}'"
@@ -235,7 +266,7 @@ def load_study(path: str | Path) -> StudySpec:
                              *(o.estimator for o in objectives)] if isinstance(v, str)]
     templated += [v for vs in space.values() if isinstance(vs, list) for v in vs
                   if isinstance(v, str)]
-    used = {f for t in templated for _, f, _, _ in string.Formatter().parse(t) if f}
+    used = _template_fields(path, templated)
     for f in used:
         if f not in space:
             raise InputError(f"{path}: template '{{{f}}}' names no parameter of [space]"
@@ -266,6 +297,30 @@ def _load_cases(path: Path, cases, space: dict, fixed: dict) -> tuple[dict, ...]
     if len({repr(sorted(c.items())) for c in cases}) != len(cases):
         raise _fail(path, "cases", "must be distinct", cases)
     return tuple(cases)
+
+
+def _template_fields(path: Path, templates: list[str]) -> set[str]:
+    """The parameters the templates use; each field must be {name} or {name:SPEC} with SPEC
+    what a number needs ([width][.precision][type], width and precision below 100)."""
+    used = set()
+    for text in templates:
+        try:
+            fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(text)
+                      if f is not None]
+        except ValueError as exc:
+            raise InputError(f"{path}: template '{text}': {exc}; write {{name}} for a parameter "
+                             "and {{{{ }}}} for a literal brace") from None
+        for f, spec, conv in fields:
+            if not f.isidentifier():
+                raise InputError(f"{path}: template '{text}': '{{{f}}}' must name a parameter, "
+                                 "e.g. {lam}")
+            if conv or not _FORMAT_SPEC.match(spec or ""):
+                shown = f"!{conv}" if conv else f":{spec}"
+                raise InputError(f"{path}: template '{text}': format '{shown}' is not allowed; "
+                                 f"a number needs at most [width][.precision][type] with width "
+                                 f"and precision below 100, e.g. {{{f}:.3g}}")
+            used.add(f)
+    return used
 
 
 def _check_names(path: Path, fixed: dict, space: dict, estimators, objectives,

@@ -94,14 +94,23 @@ class Tracker:
 
         self.uri = uri or tracking_uri()
         self.client = _Retrying(MlflowClient(tracking_uri=self.uri))
-        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = self._experiment(experiment)
+
+    def _experiment(self, name: str) -> str:
+        """The experiment's id, created (with its kind tag) when missing, by one of several
+        racing processes; a store written before the tag existed gets it."""
         key, kind = EXPERIMENT_KIND
+        found = self.client.get_experiment_by_name(name)
         if found is None:
-            self.experiment_id = self.client.create_experiment(experiment, tags={key: kind})
-        else:
-            self.experiment_id = found.experiment_id
-            if found.tags.get(key) != kind:  # a store written before the tag existed
-                self.client.set_experiment_tag(self.experiment_id, key, kind)
+            try:
+                return self.client.create_experiment(name, tags={key: kind})
+            except Exception:  # another process created it first (RESOURCE_ALREADY_EXISTS)
+                found = self.client.get_experiment_by_name(name)
+                if found is None:
+                    raise
+        if found.tags.get(key) != kind:
+            self.client.set_experiment_tag(found.experiment_id, key, kind)
+        return found.experiment_id
 
     def start(self, name: str, parent: str | None = None, tags: dict | None = None,
               params: dict | None = None) -> str:
