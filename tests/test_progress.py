@@ -12,7 +12,8 @@ from optuna.trial import TrialState
 
 import suite.harness.progress as progress_module
 from suite.harness.progress import Progress, clock
-from suite.harness.study import condition_label, run_study
+from suite.harness.runner import run_study
+from suite.harness.study import condition_label
 from suite.harness.study_spec import load_study
 
 ROOT = Path(__file__).resolve().parent.parent

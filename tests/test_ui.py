@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import estimators
-from suite.harness.study import run_study
+from suite.harness.runner import run_study
 from suite.harness.study_spec import load_study
 from suite.harness.tracking import EXPERIMENT_KIND
 
