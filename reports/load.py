@@ -1,15 +1,22 @@
 """MLflow runs of one study -> tidy pandas DataFrames. Nothing here looks at in-memory state.
 
-A study is one MLflow experiment (see ``suite.harness.study``): invocation runs, condition runs under them
-and estimator runs that name their condition run (tag ``condition_run``; runs logged before that
-tag existed were nested under it). Only FINISHED condition runs count; when the same condition was
-run more than once, the latest FINISHED run wins, and only its estimator runs are kept.
+A study is one MLflow experiment (see ``suite.harness.study``): invocation runs, condition runs under
+them and estimator runs that name their condition run (tag ``condition_run``; runs logged before
+that tag existed are nested under it). Only FINISHED condition runs count; when the same condition
+was run more than once, the latest FINISHED run wins, and only its estimator runs are kept.
+
+Every metric column is named by ``suite.core.metrics.METRICS`` (the metric's name; an interval adds
+``NAME_ci_low`` and ``NAME_ci_high``) and read from the MLflow key that table gives: there is no
+other mapping. What a metric cannot hold (why an estimator has no exact moments, the test's method,
+why a test was inconclusive) comes from the condition run's ``stats.json`` artifact.
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import math
+import os
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -20,29 +27,30 @@ import pandas as pd
 
 import estimators
 from suite.core.errors import InputError
+from suite.core.metrics import METRICS, by_name
+from suite.core.specs import parse_spec
 from suite.harness.stores import TRACKING_SCHEMES, check_reachable, mask, parse_store_url
 from suite.harness.study_spec import CONDITION_KEYS, check_study_name, load_study
 from suite.harness.tracking import tracking_uri
 
-__all__ = ["METRICS", "StudyData", "estimator_order", "load_runs", "study_name", "summarize",
-           "training_fraction"]
+__all__ = ["FAMILIES", "StudyData", "column", "estimator_order", "family", "load_runs",
+           "short_names", "study_name", "training_fraction"]
 
-# MLflow metric key of an estimator run -> column of StudyData.estimators
-METRICS = {
-    "bias/rel": "rel_bias", "bias/rel_ci_low": "rel_bias_lo", "bias/rel_ci_high": "rel_bias_hi",
-    "bias/rel_plugin": "rel_bias_plugin", "bias/rel_noise_floor": "noise_floor",
-    "bias/rel_sq_debiased": "rel_sq_bias",
-    "variance/trajectory": "variance", "variance/trajectory_ci_low": "variance_lo",
-    "variance/trajectory_ci_high": "variance_hi", "variance/batch": "batch_variance",
-    "variance/noise_to_signal": "noise_to_signal",
-    "variance/ratio_vs_reinforce": "var_ratio", "variance/ratio_vs_reinforce_ci_low": "var_ratio_lo",
-    "variance/ratio_vs_reinforce_ci_high": "var_ratio_hi",
-    "test/p_value": "p_value", "test/statistic": "test_statistic", "test/rejects_unbiased": "rejects",
-    "samples/batch_size_for_rel_mse_0.1": "batch_for_mse_0.1",
-    "samples/batch_size_for_rel_mse_0.01": "batch_for_mse_0.01",
-}
-_BATCH = re.compile(r"^batch/(rel_mse|cosine|sign_agreement)_at_(\d+)$")
 _NUMERIC_KEYS = ("gamma", "horizon", "trajectories", "batch_size")
+_NOT_FREE = ("seeds", "n_params", "case", "condition")  # logged params that are no condition
+FAMILIES = ("returns", "baselines", "critics", "final formula", "group estimators", "other")
+_MODULE_FAMILY = {"returns": "returns", "baselines": "baselines", "critics": "critics",
+                  "final_formula": "final formula", "groups": "group estimators"}
+
+
+def column(name: str) -> str:
+    """The column of a metric in ``StudyData.estimators``: its name in METRICS (KeyError when
+    the table does not define it; ``NAME_ci_low`` / ``_ci_high`` for its interval ends)."""
+    base = name.removesuffix("_ci_low").removesuffix("_ci_high")
+    metric = by_name(base)
+    if base != name and not metric.interval:
+        raise KeyError(f"metric {base!r} has no interval")
+    return name
 
 
 @dataclass
@@ -55,8 +63,8 @@ class StudyData:
     invocations: pd.DataFrame  # one row per invocation run (tags and params as columns)
     conditions: pd.DataFrame  # one row per kept condition run
     estimators: pd.DataFrame  # one row per estimator run of a kept condition, condition columns merged
-    batch: pd.DataFrame  # long: condition_run, estimator, B, rel_mse, cosine, sign_agreement
-    free_params: list[str]  # columns "free:NAME" of searched parameters that are not condition keys
+    batch: pd.DataFrame  # long: estimator_run, B, and the per-batch-size metrics by name
+    free_params: list[str]  # columns "free:NAME" of parameters that are not condition keys
     varying: list[str]  # condition keys and free parameters with more than one value
     skipped: dict[str, int] = field(default_factory=dict)  # runs left out, by reason
     study_files: dict[str, str] = field(default_factory=dict)  # sha256 -> study file text
@@ -75,6 +83,17 @@ class StudyData:
     def estimator_names(self) -> list[str]:
         return estimator_order(self.estimators["estimator"].unique())
 
+    @property
+    def env_labels(self) -> dict[str, str]:
+        """Short names of the environments for figures and narrow columns: the options in
+        which environments of one kind differ ('tokens: pass_first=0.1'), else the name."""
+        return short_names(self.envs)
+
+    @property
+    def per_seed(self) -> bool:
+        """Each seed a trial of its own (``seed`` in [space], the calibration study's shape)."""
+        return "free:seed" in self.varying
+
 
 def study_name(arg: str) -> str:
     """The study (experiment) name: from a study file when ``arg`` is a path, else ``arg`` itself."""
@@ -84,23 +103,54 @@ def study_name(arg: str) -> str:
     return arg
 
 
+def short_names(envs: list[str]) -> dict[str, str]:
+    """env -> a shorter label: specs of one kind (``tokens:...``) by the options that differ."""
+    try:
+        parsed = {e: parse_spec(e) for e in envs}
+    except InputError:
+        return {e: e for e in envs}
+    out = {}
+    for env, (kind, opts) in parsed.items():
+        same = [o for e, (k, o) in parsed.items() if k == kind]
+        differ = [k for k, v in opts.items() if len(same) > 1 and any(o.get(k) != v for o in same)]
+        out[env] = f"{kind}: " + ", ".join(f"{k}={opts[k]}" for k in differ) if differ else env
+    return out
+
+
 def training_fraction(policy: str) -> float:
     """'trained:fraction=0.25' -> 0.25; 'uniform' -> 0 (the start of training); others NaN."""
     if policy == "uniform":
         return 0.0
-    m = re.fullmatch(r"trained:fraction=([0-9.eE+-]+)", policy.strip())
+    m = re.fullmatch(r"trained:fraction=([0-9.eE+-]+)", str(policy).strip())
     return float(m.group(1)) if m else math.nan
 
 
 def _natural(name: str) -> tuple:
-    return tuple(float(p) if re.fullmatch(r"\d+\.?\d*", p) else p
+    return tuple((0, float(p), "") if re.fullmatch(r"\d+\.?\d*", p) else (1, 0.0, p)
                  for p in re.split(r"(\d+\.?\d*)", name) if p)
 
 
+def family(name: str) -> str:
+    """The estimator's family: the registry module it is defined in (returns, baselines, critics,
+    final formula, group estimators), 'other' for names the installed registry does not know."""
+    try:
+        fn = estimators.get(name).fn
+    except Exception:  # a user's estimator file, or a name the registry no longer has
+        return "other"
+    fn = getattr(fn, "__wrapped__", fn)
+    module = getattr(fn, "__module__", "") or ""
+    return _MODULE_FAMILY.get(module.rpartition(".")[2], "other")
+
+
 def estimator_order(names) -> list[str]:
-    """Registry order first (reinforce leads), then other names (GAE specs) in natural order."""
+    """By family, then registry order (reinforce leads), then other names in natural order."""
     index = {n: i for i, n in enumerate(estimators.names())}
-    return sorted(set(names), key=lambda n: (index.get(n, len(index)), _natural(n)))
+
+    def key(n: str):
+        base = n.split(":")[0]
+        return (FAMILIES.index(family(n)), index.get(n, index.get(base, len(index))), _natural(n))
+
+    return sorted(set(names), key=key)
 
 
 def _value(text: str):
@@ -145,8 +195,6 @@ def _frame(runs: list) -> pd.DataFrame:
     for r in runs:
         row = {"run_id": r.info.run_id, "status": r.info.status,
                "start": pd.Timestamp(r.info.start_time or 0, unit="ms", tz="UTC"),
-               "end": (pd.Timestamp(r.info.end_time, unit="ms", tz="UTC")
-                       if r.info.end_time else pd.NaT),
                "parent": r.data.tags.get("mlflow.parentRunId"), "name": r.info.run_name}
         row.update({f"tag:{k}": v for k, v in r.data.tags.items() if not k.startswith("mlflow.")})
         row.update({f"param:{k}": v for k, v in r.data.params.items()})
@@ -160,12 +208,13 @@ def _conditions(runs: pd.DataFrame, skipped: dict[str, int]) -> tuple[pd.DataFra
     skipped["condition runs not FINISHED"] = int((cond["status"] != "FINISHED").sum())
     cond = cond[cond["status"] == "FINISHED"]
     params = sorted(c[6:] for c in cond.columns if c.startswith("param:") and cond[c].notna().any())
-    free = [f"free:{p}" for p in params if p not in CONDITION_KEYS and p not in ("seeds", "n_params")]
+    free = [f"free:{p}" for p in params if p not in CONDITION_KEYS and p not in _NOT_FREE]
     out = pd.DataFrame({"condition_run": cond["run_id"], "invocation_run": cond["parent"],
                         "trial": pd.to_numeric(cond.get("tag:trial"), errors="coerce"),
                         "start": cond["start"]})
     for key in (*CONDITION_KEYS, *free, "seeds", "n_params"):
         out[key] = cond.get(f"param:{key.removeprefix('free:')}")
+    out["shared_start"] = out["shared_start"].map(lambda v: str(v) == "True")
     for key in (*_NUMERIC_KEYS, "n_params"):
         out[key] = pd.to_numeric(out[key], errors="coerce")
     for key in free:
@@ -184,19 +233,23 @@ def _conditions(runs: pd.DataFrame, skipped: dict[str, int]) -> tuple[pd.DataFra
     return out.sort_values([*ident]).reset_index(drop=True), free
 
 
+_SHORT = {"gamma": "γ", "horizon": "H", "trajectories": "N", "batch_size": "B"}
+
+
 def _label(row: pd.Series, varying: list[str]) -> str:
     """A short name of a condition from the keys that vary (env excluded: tables group by it)."""
     parts = []
     templated = any(k.startswith("free:") for k in varying)
     for key in varying:
-        if key == "env" or (templated and key == "policy"):  # env: grouped by; a templated
-            continue  # policy repeats the free parameters that fill it
+        if key == "env" or (templated and key == "policy" and "free:seed" not in varying):
+            continue  # env: grouped by; a templated policy repeats the free parameters
         v = row[key]
-        short = {"gamma": "γ", "horizon": "H", "trajectories": "N", "batch_size": "B"}
-        if key in short:
-            parts.append(f"{short[key]}={v:.3g}")
-        elif key == "policy":
-            parts.append(str(v))
+        if key == "trajectories":
+            parts.append("exact only" if v == 0 else f"N={int(v):,}")
+        elif key in _SHORT:
+            parts.append(f"{_SHORT[key]}={v:.3g}")
+        elif key in ("policy", "shared_start"):
+            parts.append(str(v) if key == "policy" else ("shared start" if v else "own starts"))
         else:
             name = key.removeprefix("free:")
             parts.append(f"{name}={v:.3g}" if isinstance(v, float) else f"{name}={v}")
@@ -205,52 +258,107 @@ def _label(row: pd.Series, varying: list[str]) -> str:
 
 def _estimators(runs: pd.DataFrame, cond: pd.DataFrame, skipped: dict[str, int]) -> pd.DataFrame:
     est = runs[runs["tag:kind"] == "estimator"]
-    of = est["tag:condition_run"].fillna(est["parent"]) if "tag:condition_run" in est else est["parent"]
+    of = (est["tag:condition_run"].fillna(est["parent"]) if "tag:condition_run" in est
+          else est["parent"])
     kept = est[(est["status"] == "FINISHED") & of.isin(cond["condition_run"])]
     skipped["estimator runs not FINISHED or of a left-out condition"] = len(est) - len(kept)
     out = pd.DataFrame({"estimator_run": kept["run_id"], "condition_run": of[kept.index],
                         "estimator": kept["param:estimator"],
                         "claims_unbiased": kept["param:claims_unbiased"].map(lambda s: s == "True")})
-    for key, col in METRICS.items():  # a metric no run logged is a column of NaN
-        out[col] = (pd.to_numeric(kept[f"metric:{key}"], errors="coerce")
-                    if f"metric:{key}" in kept else np.nan)
-    out["rejects"] = out["rejects"].map(lambda v: None if pd.isna(v) else bool(v))
-    out["agrees"] = [None if r is None else r != c
-                     for r, c in zip(out["rejects"], out["claims_unbiased"], strict=True)]
-    # MLflow keeps finite metrics only: a missing batch size means the squared bias alone
-    # exceeds the target (infinite), unless the relative metrics are undefined (grad J = 0)
-    for target in ("0.1", "0.01"):
-        col = f"batch_for_mse_{target}"
-        unreachable = out[col].isna() & (out["rel_sq_bias"] >= float(target))
-        out.loc[unreachable, col] = np.inf
+    for m in METRICS:  # a metric no run logged is a column of NaN
+        if m.per_batch_size:
+            continue
+        keys = {m.name: m.mlflow}
+        if m.interval:
+            keys.update({f"{m.name}_ci_low": f"{m.mlflow}_ci_low",
+                         f"{m.name}_ci_high": f"{m.mlflow}_ci_high"})
+        for col, key in keys.items():
+            out[col] = (pd.to_numeric(kept[f"metric:{key}"], errors="coerce")
+                        if f"metric:{key}" in kept else np.nan)
+    out["family"] = out["estimator"].map(family)
     out = out.merge(cond, on="condition_run", how="inner", validate="many_to_one")
+    # MLflow keeps finite metrics only: a missing batch size for a relative MSE means the squared
+    # bias alone exceeds the target (infinite), unless the relative metrics are undefined
+    for target in (0.1, 0.01):
+        col = f"batch_size_for_rel_mse_{target:g}"
+        unreachable = out[col].isna() & (out["rel_sq_bias_debiased"] >= target)
+        out.loc[unreachable, col] = np.inf
+        exact = f"exact_{col}"
+        unreachable = out[exact].isna() & (out["exact_rel_bias"] ** 2 >= target)
+        out.loc[unreachable, exact] = np.inf
     order = {n: i for i, n in enumerate(estimator_order(out["estimator"].unique()))}
     out["order"] = out["estimator"].map(order)
     return out.sort_values(["env", "order", "label"]).reset_index(drop=True)
 
 
+_PER_B = {m.mlflow: m.name for m in METRICS if m.per_batch_size}
+_AT = re.compile(r"^(.*)_at_(\d+)$")
+
+
 def _batch(runs: pd.DataFrame, est: pd.DataFrame) -> pd.DataFrame:
-    cols = {c: _BATCH.match(c[7:]) for c in runs.columns if c.startswith("metric:batch/")}
+    """Per-batch-size metrics, long: one row per estimator run and batch size B'."""
+    cols = {}
+    for c in runs.columns:
+        m = _AT.match(c[7:]) if c.startswith("metric:") else None
+        if m and m.group(1) in _PER_B:
+            cols[c] = (_PER_B[m.group(1)], int(m.group(2)))
+    names = sorted({n for n, _ in cols.values()})
+    keep = ["estimator_run", "condition_run", "estimator", "env", "label", "order", "batch_size"]
+    if not cols:
+        return pd.DataFrame(columns=[*keep, "B", *names])
     sub = runs.set_index("run_id").loc[est["estimator_run"], list(cols)]
-    rows = []
-    for run_id, values in sub.iterrows():
-        for col, m in cols.items():
-            if pd.notna(values[col]):
-                rows.append({"estimator_run": run_id, "metric": m.group(1), "B": int(m.group(2)),
-                             "value": float(values[col])})
-    if not rows:
-        return pd.DataFrame(columns=["estimator_run", "B", "rel_mse", "cosine", "sign_agreement"])
-    long = pd.DataFrame(rows).pivot_table(index=["estimator_run", "B"], columns="metric",
-                                          values="value").reset_index()
-    keep = ["estimator_run", "condition_run", "estimator", "env", "label", "order"]
-    return long.merge(est[keep], on="estimator_run").sort_values(["env", "order", "B"])
+    long = sub.reset_index().melt(id_vars="run_id", var_name="key").dropna(subset=["value"])
+    long["metric"] = long["key"].map(lambda k: cols[k][0])
+    long["B"] = long["key"].map(lambda k: cols[k][1])
+    wide = long.pivot_table(index=["run_id", "B"], columns="metric", values="value").reset_index()
+    wide = wide.rename(columns={"run_id": "estimator_run"})
+    for n in names:
+        if n not in wide:
+            wide[n] = np.nan
+    return wide.merge(est[keep], on="estimator_run").sort_values(["env", "order", "B"])
+
+
+def _at_own_batch_size(est: pd.DataFrame, batch: pd.DataFrame) -> None:
+    """Columns rel_mse and exact_rel_mse: the value at the condition's own batch size."""
+    for name in ("rel_mse", "exact_rel_mse"):
+        col = column(name)
+        own = (batch[batch["B"] == batch["batch_size"]].set_index("estimator_run")[col]
+               if col in batch else pd.Series(dtype=float))
+        est[col] = est["estimator_run"].map(own)
+
+
+def _download(client, run_id: str, name: str) -> str | None:
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # no progress bar on stderr
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            return Path(client.download_artifacts(run_id, name, tmp)).read_text()
+    except Exception:  # an unreachable artifact store: the report goes on without the text
+        return None
+
+
+def _texts(client, est: pd.DataFrame) -> None:
+    """From each condition run's stats.json: why an estimator has no exact moments
+    (``no_exact``), the test's method (``test_method``) and why it was inconclusive."""
+    found: dict[tuple[str, str], dict] = {}
+    for run_id in est["condition_run"].unique():
+        text = _download(client, run_id, "stats.json")
+        try:
+            rows = json.loads(text)["aggregate"] if text else {}
+        except (ValueError, KeyError, TypeError):
+            rows = {}
+        for name, row in rows.items():
+            exact = row.get("exact") or {}
+            found[(run_id, name)] = {
+                "no_exact": "" if exact.get("exact", True) else str(exact.get("reason") or ""),
+                "test_method": str(row.get("test_method") or ""),
+                "inconclusive_why": str(row.get("inconclusive") or "")}
+    for key in ("no_exact", "test_method", "inconclusive_why"):
+        est[key] = [found.get((c, n), {}).get(key, "")
+                    for c, n in zip(est["condition_run"], est["estimator"], strict=True)]
 
 
 def _study_files(client, invocations: pd.DataFrame) -> dict[str, str]:
     """Study file text per SHA-256, from the invocation runs' artifacts (latest first)."""
-    import os
-
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # no progress bar on stderr
     out: dict[str, str] = {}
     for _, inv in invocations.sort_values("start", ascending=False).iterrows():
         sha = inv.get("tag:study_sha256") or "unknown"
@@ -258,18 +366,17 @@ def _study_files(client, invocations: pd.DataFrame) -> dict[str, str]:
             continue
         try:
             names = [a.path for a in client.list_artifacts(inv["run_id"]) if a.path.endswith(".toml")]
-            if names:
-                with tempfile.TemporaryDirectory() as tmp:
-                    local = client.download_artifacts(inv["run_id"], names[0], tmp)
-                    out[sha] = Path(local).read_text()
         except Exception:  # an unreachable artifact store: provenance shows the hash only
             continue
+        text = _download(client, inv["run_id"], names[0]) if names else None
+        if text is not None:
+            out[sha] = text
     return out
 
 
 def load_runs(study: str, uri: str | None = None) -> StudyData:
     """Read the study's experiment from the tracking store (``MLFLOW_TRACKING_URI``)."""
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # slow to import: only when a report is built
 
     uri = uri or tracking_uri()
     _check_store(uri)
@@ -290,35 +397,15 @@ def load_runs(study: str, uri: str | None = None) -> StudyData:
                          "run or resume the study first")
     varying = [k for k in (*CONDITION_KEYS, *free) if cond[k].nunique(dropna=False) > 1]
     cond["label"] = [_label(row, varying) for _, row in cond.iterrows()]
+    cond["setting"] = [_label(row, [k for k in varying if k != "free:seed"])
+                       for _, row in cond.iterrows()]
     est = _estimators(runs, cond, skipped)
     if est.empty:
         raise InputError(f"MLflow experiment '{study}' in {shown} has no FINISHED estimator runs")
+    batch = _batch(runs, est)
+    _at_own_batch_size(est, batch)
+    _texts(client, est)
     invocations = runs[runs["tag:kind"] == "invocation"].sort_values("start").reset_index(drop=True)
     return StudyData(name=study, uri=shown, experiment_id=exp.experiment_id, invocations=invocations,
-                     conditions=cond, estimators=est, batch=_batch(runs, est), free_params=free,
+                     conditions=cond, estimators=est, batch=batch, free_params=free,
                      varying=varying, skipped=skipped, study_files=_study_files(client, invocations))
-
-
-def summarize(data: StudyData) -> pd.DataFrame:
-    """One row per environment and estimator: medians (and ranges) over the conditions, counts of
-    test verdicts; the intervals of the single condition when there is only one."""
-    rows = []
-    for (env, name), g in data.estimators.groupby(["env", "estimator"], sort=False):
-        one = g.iloc[0] if len(g) == 1 else None
-        rows.append({
-            "env": env, "estimator": name, "n": len(g), "order": g["order"].iloc[0],
-            "claims_all": bool(g["claims_unbiased"].all()),
-            "claims_any": bool(g["claims_unbiased"].any()),
-            "claims_biased": int((~g["claims_unbiased"]).sum()),
-            "rejects": int(g["rejects"].fillna(False).astype(bool).sum()),
-            "agrees": int(g["agrees"].fillna(False).astype(bool).sum()),
-            "tested": int(g["rejects"].notna().sum()),
-            "p_value": one["p_value"] if one is not None else math.nan,
-            **{f"{m}_{stat}": getattr(g[m], stat)() for m in ("rel_bias", "var_ratio")
-               for stat in ("median", "min", "max")},
-            **{f"{m}_{end}": (one[f"{m}_{end}"] if one is not None else math.nan)
-               for m in ("rel_bias", "var_ratio") for end in ("lo", "hi")},
-            "noise_to_signal": g["noise_to_signal"].median(),
-            "batch_for_mse_0.1": g["batch_for_mse_0.1"].median(),
-        })
-    return pd.DataFrame(rows).sort_values(["env", "order"]).reset_index(drop=True)

@@ -1,14 +1,16 @@
-"""The self-contained HTML report: one jinja2 template, figures inlined as base64 PNG."""
+"""The self-contained HTML report: the report's blocks walked by one jinja2 template, figures
+inlined as base64 PNG."""
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import jinja2
 from markupsafe import Markup
 
 from .assemble import Report
-from .derivation import markup
+from .text import markup
 
 __all__ = ["render_html"]
 
@@ -20,6 +22,7 @@ def render_html(report: Report) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
                              autoescape=jinja2.select_autoescape(["html", "j2"]),
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters["prose"] = lambda text: Markup(markup(text))  # $...$ spans become math
+    env.filters["inline"] = lambda text: Markup(markup(str(text).replace("\n", " ")))
     env.filters["math"] = lambda text: Markup(markup(f"${text}$"))
-    return env.get_template("report.html.j2").render(r=report)
+    env.filters["b64"] = lambda png: base64.b64encode(png).decode()
+    return env.get_template("page.html.j2").render(r=report)

@@ -1,5 +1,10 @@
-"""The PDF report, with reportlab's platypus (pure Python): A4 portrait, the same sections as the
-HTML page. DejaVu fonts (shipped with matplotlib) cover γ, λ, ∇ and the other symbols."""
+"""The PDF report, with reportlab's platypus (pure Python): A4 portrait, the report's blocks
+(``reports.document``) walked in order, as the HTML renderer walks them. DejaVu fonts (shipped
+with matplotlib) cover γ, λ, ∇ and the other symbols.
+
+Layout keeps pages full: a level-1 heading starts a new page only when less than a third of the
+page is left, and no figure is taller than 0.6 of the page, so a figure moved to the next page
+leaves at least a third of the page filled."""
 
 from __future__ import annotations
 
@@ -17,16 +22,15 @@ from reportlab.platypus import (
     Image,
     KeepTogether,
     LongTable,
-    PageBreak,
     Paragraph,
     Preformatted,
     SimpleDocTemplate,
-    Spacer,
     TableStyle,
 )
 
 from .assemble import Report
-from .derivation import markup
+from .document import Box, Bullets, FigureBlock, Formula, Heading, Para, Pre, Table
+from .text import markup
 
 __all__ = ["render_pdf"]
 
@@ -68,6 +72,8 @@ def _styles() -> dict[str, ParagraphStyle]:
                              spaceBefore=10, spaceAfter=6, textColor=colors.HexColor("#1f3b63")),
         "h2": ParagraphStyle("h2", base, fontName="DejaVu-Bold", fontSize=10.5, leading=13,
                              spaceBefore=8, spaceAfter=4),
+        "h3": ParagraphStyle("h3", base, fontName="DejaVu-Bold", fontSize=9.5, leading=12,
+                             spaceBefore=4, spaceAfter=3),
         "body": base,
         "meta": ParagraphStyle("meta", base, fontSize=8, leading=11, textColor=colors.HexColor("#555555")),
         "formula": ParagraphStyle("formula", base, fontName="DejaVuSerif", fontSize=10.5, leading=14,
@@ -87,55 +93,111 @@ def _styles() -> dict[str, ParagraphStyle]:
         "head": ParagraphStyle("head", base, fontName="DejaVu-Bold", fontSize=6.8, leading=8.2,
                                spaceAfter=0),
         "pre": ParagraphStyle("pre", base, fontName="DejaVuMono", fontSize=6.5, leading=8.2),
+        "cells": ParagraphStyle("cells", base, fontSize=6.2, leading=7.4, spaceAfter=0),
+        "cellnums": ParagraphStyle("cellnums", base, fontSize=6.2, leading=7.4, spaceAfter=0,
+                                   alignment=TA_RIGHT),
+        "cellmonos": ParagraphStyle("cellmonos", base, fontName="DejaVuMono", fontSize=5.8,
+                                    leading=7.4, spaceAfter=0, wordWrap="CJK"),
+        "heads": ParagraphStyle("heads", base, fontName="DejaVu-Bold", fontSize=6.2, leading=7.4,
+                                spaceAfter=0),
     }
 
 
 def _p(text: str, style: ParagraphStyle) -> Paragraph:
-    return Paragraph(escape(str(text)), style)
+    """A paragraph of text with the report's inline markup."""
+    return Paragraph(markup(str(text), "pdf"), style)
 
 
-def _mono(text: str, style: ParagraphStyle) -> Paragraph:
-    """Monospace cell text (the style breaks long names such as GAE specs anywhere)."""
-    return Paragraph(escape(str(text)), style)
-
-
-def _table(head: list[str], rows: list, widths: list[float], st: dict,
-           red_rows: tuple[int, ...] = (), kinds: str = "") -> LongTable:
-    """A table that splits across pages and repeats its header. kinds: per column t/n/m (text,
-    number, monospace). A row given as a plain string is a group heading across all columns."""
-    kinds = kinds or "t" * len(head)
-    cell = {"t": st["cell"], "n": st["cellnum"], "m": st["cellmono"]}
-    data = [[_p(h, st["head"]) for h in head]]
+def _table(t: Table, st: dict) -> LongTable:
+    """A table that splits across pages and repeats its header; string rows are group headings."""
+    small = "s" if t.small else ""
+    cell = {"t": st[f"cell{small}"], "n": st[f"cellnum{small}"], "m": st[f"cellmono{small}"]}
+    data = [[_p(h, st[f"head{small}"]) for h in t.head]]
     style = [("GRID", (0, 0), (-1, -1), 0.3, GRID), ("BACKGROUND", (0, 0), (-1, 0), HEAD_BG),
-             ("VALIGN", (0, 0), (-1, -1), "TOP"), ("LEFTPADDING", (0, 0), (-1, -1), 2.5),
-             ("RIGHTPADDING", (0, 0), (-1, -1), 2.5), ("TOPPADDING", (0, 0), (-1, -1), 1.5),
-             ("BOTTOMPADDING", (0, 0), (-1, -1), 2)]
-    for i, row in enumerate(rows, start=1):
+             ("VALIGN", (0, 0), (-1, -1), "TOP"), ("LEFTPADDING", (0, 0), (-1, -1), 2.2),
+             ("RIGHTPADDING", (0, 0), (-1, -1), 2.2), ("TOPPADDING", (0, 0), (-1, -1), 1.2),
+             ("BOTTOMPADDING", (0, 0), (-1, -1), 1.8)]
+    for i, row in enumerate(t.rows, start=1):
         if isinstance(row, str):
-            data.append([_p(row, st["head"])] + [""] * (len(head) - 1))
+            data.append([_p(row, st[f"head{small}"])] + [""] * (len(t.head) - 1))
             style += [("SPAN", (0, i), (-1, i)), ("BACKGROUND", (0, i), (-1, i), GROUP_BG)]
+            if i + 1 <= len(t.rows):  # a group heading stays with its first row
+                style.append(("NOSPLIT", (0, i), (-1, i + 1)))
         else:
-            data.append([_mono(v, cell["m"]) if k == "m" else _p(v, cell[k])
-                         for v, k in zip(row, kinds, strict=True)])
-    total = sum(widths)
-    table = LongTable(data, colWidths=[w * FRAME_W / total for w in widths], repeatRows=1)
-    style += [("BACKGROUND", (0, i + 1), (-1, i + 1), RED_BG) for i in red_rows]
+            data.append([_p(v, cell[k]) for v, k in zip(row, t.kinds, strict=True)])
+        if i - 1 in t.red:
+            style.append(("BACKGROUND", (0, i), (-1, i), RED_BG))
+    total = sum(t.widths)
+    table = LongTable(data, colWidths=[w * FRAME_W / total for w in t.widths], repeatRows=1)
     table.setStyle(TableStyle(style))
     return table
 
 
+MAX_FIGURE = 0.6  # of the frame height: a figure moved to the next page leaves >= 1/3 filled
+
+
 def _figure(fig, st: dict) -> list:
-    """The PNG scaled to the frame width (and to the page height, keeping its aspect ratio)."""
+    """The PNG scaled to the frame width (and to MAX_FIGURE of the page, keeping its aspect)."""
     from PIL import Image as PILImage
 
+    if not fig.png:
+        return [Paragraph(f"<b>{escape(fig.title)}:</b> {markup(fig.note or '', 'pdf')}", st["note"])]
     w_px, h_px = PILImage.open(io.BytesIO(fig.png)).size
-    caption = Paragraph(f"<b>{escape(fig.title)}.</b> {escape(fig.caption)}", st["caption"])
+    caption = Paragraph(f"<b>{escape(fig.title)}.</b> {markup(fig.caption, 'pdf')}", st["caption"])
     width = min(FRAME_W, w_px / 150 * 72)  # PNGs are 150 dpi: never enlarge them
     height = width * h_px / w_px
-    room = FRAME_H - caption.wrap(FRAME_W, FRAME_H)[1] - 30
+    room = FRAME_H * MAX_FIGURE - caption.wrap(FRAME_W, FRAME_H)[1]
     if height > room:
         width, height = width * room / height, room
     return [KeepTogether([Image(io.BytesIO(fig.png), width=width, height=height), caption])]
+
+
+def _box(b: Box, st: dict) -> LongTable:
+    inner = [_p(b.title, st["h3"])] + [Paragraph(markup(i, "pdf"), st["bullet"], bulletText="•")
+                                       for i in b.items]
+    frame = LongTable([[inner]], colWidths=[FRAME_W])
+    frame.setStyle(TableStyle([("BACKGROUND", (0, 0), (-1, -1), colors.HexColor("#fff8e6")),
+                               ("BOX", (0, 0), (-1, -1), 0.5, colors.HexColor("#f0d68a")),
+                               ("LEFTPADDING", (0, 0), (-1, -1), 6),
+                               ("BOTTOMPADDING", (0, 0), (-1, -1), 6)]))
+    return frame
+
+
+def _flowables(blocks: list, st: dict) -> list:
+    """The blocks as platypus flowables; a heading is kept with what follows it."""
+    out: list = []
+    first_h1 = True
+    for i, b in enumerate(blocks):
+        if isinstance(b, Heading):
+            if b.level == 1:
+                if not first_h1:
+                    out.append(CondPageBreak(FRAME_H / 3))
+                first_h1 = False
+            else:
+                out.append(CondPageBreak(40 * mm))
+            out.append(_p(b.text, st[f"h{b.level}"]))
+            # kept with a following paragraph; a table or figure that follows may need the next
+            # page, and the heading must not pull the rest of this one with it
+            nxt = blocks[i + 1] if i + 1 < len(blocks) else None
+            out[-1].keepWithNext = isinstance(nxt, Para | Formula | Bullets)
+        elif isinstance(b, Para):
+            out.append(_p(b.text, st[b.style]))
+        elif isinstance(b, Bullets):
+            out += [Paragraph(markup(item, "pdf"), st["bullet"], bulletText="•") for item in b.items]
+        elif isinstance(b, Box):
+            out.append(_box(b, st))
+        elif isinstance(b, Formula):
+            out.append(Paragraph(markup(f"${b.text}$", "pdf"), st["formula"]))
+            out[-1].keepWithNext = True
+        elif isinstance(b, Table):
+            out.append(_table(b, st))
+        elif isinstance(b, FigureBlock):
+            out += _figure(b.figure, st)
+        elif isinstance(b, Pre):
+            out.append(Preformatted(b.text, st["pre"]))
+        else:
+            raise TypeError(f"unknown block {type(b).__name__} at {i}")
+    return out
 
 
 def _footer(name: str):
@@ -149,123 +211,11 @@ def _footer(name: str):
     return draw
 
 
-def _summary(r: Report, st: dict) -> list:
-    out = [_p("1. Summary per environment", st["h1"]), _p(r.summary_note, st["body"])]
-    for env, block in r.summary.items():
-        head = r.summary_head_one if block["n"] == 1 else r.summary_head_many
-        rows = [[x["estimator"], x["claim"], x["rel_bias"], x["test"], x["agrees"], x["var_ratio"],
-                 x["nts"], x["batch"]] for x in block["rows"]]
-        red = tuple(i for i, x in enumerate(block["rows"]) if not x["agree_flag"])
-        n = block["n"]
-        out += [CondPageBreak(60 * mm),
-                _p(f"{env} ({n} condition{'s' if n != 1 else ''})", st["h2"]),
-                _table(head, rows, [28, 9.5, 20, 12, 8, 21, 9, 10], st, red, "mttttnnn")]
-    return out
-
-
-def _derivation(r: Report, st: dict) -> list:
-    out = [PageBreak(), _p("2. The derivation, checked step by step", st["h1"]),
-           _p("The policy-gradient theorem is often derived in six steps. Each step names the "
-              "estimators it yields and what this study measured for them, so the step where the "
-              "popular final formula goes wrong, and its repair, can be read off the numbers.",
-              st["body"])]
-    box = [_p("Measured in this study", st["h2"])]
-    box += [Paragraph(markup(c, "super"), st["bullet"], bulletText="•") for c in r.conclusions]
-    frame = LongTable([[box]], colWidths=[FRAME_W])
-    frame.setStyle(TableStyle([("BACKGROUND", (0, 0), (-1, -1), colors.HexColor("#fff8e6")),
-                               ("BOX", (0, 0), (-1, -1), 0.5, colors.HexColor("#f0d68a")),
-                               ("LEFTPADDING", (0, 0), (-1, -1), 6),
-                               ("BOTTOMPADDING", (0, 0), (-1, -1), 6)]))
-    out.append(frame)
-    for s in r.steps:
-        block = [_p(f"{s.key}. {s.title}", st["h2"]),
-                 Paragraph(markup(f"${s.formula}$", "super"), st["formula"]),
-                 Paragraph(markup(s.text, "super"), st["body"])]
-        if s.estimators:
-            names = ", ".join(f"<font face='DejaVuMono'>{escape(e)}</font>" for e in s.estimators)
-            block.append(Paragraph(f"Estimators: {names}.", st["body"]))
-        block += [Paragraph(escape(f), st["bullet"], bulletText="•") for f in s.findings]
-        out.append(KeepTogether(block))
-    return out
-
-
-def _figures(r: Report, st: dict) -> list:
-    out = [PageBreak(), _p("3. Figures", st["h1"])]
-    notes = [f for f in r.figures if not f.png]
-    for f in notes:  # the left-out figures first, one line each
-        out.append(Paragraph(f"<b>{escape(f.title)}:</b> {escape(f.note or '')}", st["note"]))
-    for f in r.figures:
-        if f.png:
-            out += _figure(f, st)
-    return out
-
-
-def _methodology(r: Report, st: dict) -> list:
-    out = [PageBreak(), _p("4. Methodology", st["h1"])]
-    for term, text in r.methodology:
-        out.append(Paragraph(f"<b>{escape(term)}.</b> {markup(text, 'super')}", st["body"]))
-    out += [_p("5. Estimators", st["h1"]),
-            _p("ψ_t = ∇log π(a_t | s_t); G_t is the discounted return from t; T the trajectory's "
-               "length.", st["body"]),
-            _table(["estimator", "formula", "claim", "reference"],
-                   [[e["name"], e["formula"], e["claim"], e["reference"]] for e in r.estimators],
-                   [23, 30, 25, 22], st, kinds="mmtt")]
-    return out
-
-
-def _conditions(r: Report, st: dict) -> list:
-    out = [PageBreak(), _p("6. Results per condition", st["h1"]),
-           _p(f"Every condition with its 95% intervals, straight from the estimator runs. "
-              f"“test”: rejects 'mean = ∇J' at level {r.alpha:g}, or not (—).", st["body"])]
-    for env, blocks in r.conditions.items():
-        rows, red = [], []
-        for block in blocks:
-            rows.append(block["condition"])
-            for x in block["rows"]:
-                if x["agrees"] == "NO":
-                    red.append(len(rows))
-                rows.append([x["estimator"], x["claim"], x["rel_bias"], x["p"], x["verdict"],
-                             x["agrees"], x["var_ratio"], x["nts"], x["batch"]])
-        out += [CondPageBreak(50 * mm), _p(env, st["h2"]),
-                _table(r.condition_head, rows, [26, 8, 17, 7.5, 6.5, 7.5, 20.5, 7.5, 7.5], st,
-                       tuple(red), "mttnttnnn")]
-    return out
-
-
-def _provenance(r: Report, st: dict) -> list:
-    p = r.provenance
-    out = [PageBreak(), _p("7. Provenance", st["h1"]),
-           _p(f"MLflow tracking URI {p['uri']}, experiment {p['experiment']}; latest run started "
-              f"{p['as_of']}.", st["body"]), _p("Invocations", st["h2"])]
-    for inv in p["invocations"]:
-        out += [_table(["field", "value"], [[k, v] for k, v in inv.items()], [18, 82], st,
-                       kinds="tm"), Spacer(1, 6)]
-    if p["skipped"]:
-        out.append(_p("Left out: " + "; ".join(p["skipped"]) + ".", st["body"]))
-    out += [_p("Condition runs", st["h2"]),
-            _table(["environment", "condition", "trial", "MLflow run", "invocation run"],
-                   [[c["env"], c["condition"], c["trial"], c["run"], c["invocation"]]
-                    for c in p["conditions"]], [18, 26, 6, 25, 25], st, kinds="ttnmm"),
-            _p("Study file", st["h2"])]
-    for f in p["files"]:
-        out += [_p(f"SHA-256 {f['sha']}", st["meta"]), Preformatted(f["text"], st["pre"])]
-    if not p["files"]:
-        out.append(_p("The study file could not be read from the invocation runs' artifacts.",
-                      st["note"]))
-    return out
-
-
 def render_pdf(report: Report) -> bytes:
     """The report as PDF bytes (deterministic: no creation date or random document id)."""
     _fonts()
     st = _styles()
-    story = [_p(f"Study “{report.name}”: bias and variance of policy-gradient estimators",
-                st["title"])]
-    if report.description:
-        story.append(_p(report.description, st["body"]))
-    story.append(_p(report.overview, st["meta"]))
-    story += _summary(report, st) + _derivation(report, st) + _figures(report, st)
-    story += _methodology(report, st) + _conditions(report, st) + _provenance(report, st)
+    story = [_p(report.title, st["title"])] + _flowables(report.blocks, st)
     buf = io.BytesIO()
     doc = SimpleDocTemplate(buf, pagesize=A4, leftMargin=MARGIN, rightMargin=MARGIN,
                             topMargin=MARGIN, bottomMargin=MARGIN + 8 * mm, invariant=1,

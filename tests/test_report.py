@@ -1,5 +1,6 @@
 """Reports built from the MLflow runs of tiny studies run into temporary stores."""
 
+import html
 import re
 import textwrap
 
@@ -7,16 +8,28 @@ import numpy as np
 import pypdfium2 as pdfium
 import pytest
 from mlflow.tracking import MlflowClient
+from reportlab.lib.pagesizes import A4
+from reportlab.lib.styles import getSampleStyleSheet
+from reportlab.platypus import PageBreak, Paragraph, SimpleDocTemplate
+from scipy import stats as st
 
-from reports.derivation import fmt
-from reports.load import load_runs
+import suite.core.metrics as metrics
+from reports.assemble import assemble
+from reports.document import Para, Table, parse
+from reports.load import column, load_runs
+from reports.render_html import render_html
+from reports.tables import SHOWN, metric_table
+from reports.text import fmt
+from reports.verdicts import clopper_pearson, holm, judge
 from suite.cli import main
+from suite.core.metrics import METRICS
 from suite.harness.runner import run_study
 
 ESTIMATORS = ["reinforce", "reward_to_go", "reward_to_go_missing_discount",
               "final_formula_single_step", "final_formula_rescaled", "pgt_state_sampling",
-              "gae_lambda_0", "gae_lambda_1"]
+              "batch_mean_baseline", "fitted_value_baseline", "gae_lambda_0"]
 
+# two sampled conditions and exact-only ones around them (horizon and discount, one at a time)
 TINY = f"""
 [study]
 name = "tiny_report"
@@ -24,14 +37,34 @@ sampler = "grid"
 seeds = [0]
 estimators = {ESTIMATORS!r}
 
-[space]
-gamma = [0.9, 1.0]
-horizon = [4, 8]
-
 [fixed]
 env = "chain:n=4"
-trajectories = 1000
 batch_size = 10
+
+[[cases]]
+gamma = 0.9
+horizon = 6
+trajectories = 2000
+
+[[cases]]
+gamma = 1.0
+horizon = 6
+trajectories = 2000
+
+[[cases]]
+gamma = 0.9
+horizon = 3
+trajectories = 0
+
+[[cases]]
+gamma = 0.9
+horizon = 9
+trajectories = 0
+
+[[cases]]
+gamma = 0.95
+horizon = 6
+trajectories = 0
 """
 
 ONE_HORIZON = """
@@ -51,20 +84,69 @@ trajectories = 1000
 batch_size = 10
 """
 
+# the calibration study's shape: one trial per seed
+PER_SEED = """
+[study]
+name = "per_seed"
+sampler = "grid"
+estimators = ["reinforce", "reward_to_go_missing_discount", "fitted_value_baseline"]
+
+[space]
+seed = [0, 1, 2, 3, 4, 5]
+
+[fixed]
+env = "chain:n=4"
+gamma = 0.9
+horizon = 6
+trajectories = 400
+batch_size = 10
+"""
+
+# the LLM study's shape: group estimators on one-prompt token MDPs, groups that share the prompt
+GROUPS = """
+[study]
+name = "groups"
+sampler = "grid"
+estimators = ["grpo:agg={agg}", "dr_grpo:agg={agg}", "rloo:agg={agg}"]
+
+[space]
+env = ["tokens:vocab=2,max_len=3,prompts=1,pass_first=0.8",
+       "tokens:vocab=2,max_len=3,prompts=1,pass_first=0.3"]
+batch_size = [2, 4]
+agg = ["token-sum", "seq-mean-token-mean"]
+
+[fixed]
+gamma = 1.0
+horizon = 3
+shared_start = true
+trajectories = 400
+"""
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """Both tiny studies, run once into one temporary MLflow store (the working directory)."""
+    """The tiny studies, run once into one temporary MLflow store (the working directory)."""
     tmp = tmp_path_factory.mktemp("report")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
-        for name, text in (("tiny.toml", TINY), ("one.toml", ONE_HORIZON)):
+        for name, text in (("tiny.toml", TINY), ("one.toml", ONE_HORIZON),
+                           ("seeds.toml", PER_SEED), ("groups.toml", GROUPS)):
             (tmp / name).write_text(textwrap.dedent(text))
             run_study(tmp / name, storage=f"sqlite:///{tmp / 'optuna.db'}", progress=False)
         # the same conditions again (a fresh Optuna storage): MLflow holds each one twice
         run_study(tmp / "one.toml", storage=f"sqlite:///{tmp / 'again.db'}", progress=False)
         yield tmp
+
+
+@pytest.fixture(scope="module")
+def tiny_report(store):
+    """The tiny study's report, built once through the command line (HTML and PDF)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(store)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+        assert main(["report", "tiny.toml", "--out", "rep"]) == 0
+    return store / "rep"
 
 
 @pytest.fixture
@@ -74,50 +156,189 @@ def in_store(store, monkeypatch):
     return store
 
 
-def _ink(page) -> float:
-    """Fraction of non-white pixels of a rendered PDF page."""
+def fill(page) -> float:
+    """How far down the page's text frame the ink reaches (0: empty, 1: full), footer excluded."""
     pixels = np.asarray(page.render(scale=0.5).to_pil().convert("L"))
-    return float((pixels < 245).mean())
+    height = pixels.shape[0]
+    top, bottom = int(15 / 297 * height), int((297 - 23) / 297 * height)
+    rows = np.nonzero((pixels[top:bottom] < 245).any(axis=1))[0]
+    return 0.0 if rows.size == 0 else float((rows.max() + 1) / (bottom - top))
 
 
-def test_report_from_a_study_file(in_store, capsys):
-    assert main(["report", "tiny.toml", "--out", "rep"]) == 0
-    assert "report.html" in capsys.readouterr().out
-    html = (in_store / "rep" / "report.html").read_text()
-    assert html.count("<img") >= 6 and "data:image/png;base64," in html
+def _text(page: str) -> str:
+    """The page's visible text (no styles, no table of contents), entities resolved."""
+    page = re.sub(r"<(style|nav)>.*?</\1>", "", page, flags=re.S)
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", "", page)))
+
+
+def test_report_of_a_tiny_study_states_exact_verdicts(tiny_report):
+    page = (tiny_report / "report.html").read_text()
+    assert page.count("<img") >= 6 and "data:image/png;base64," in page
+    text = _text(page)
     for name in ESTIMATORS:
-        assert name in html
+        assert name in text
     for step in ("D1", "D2", "D3", "D4", "D5", "D6"):
-        assert f"{step}. " in html
-    assert re.search(r"reward_to_go_missing_discount: claimed biased: the test rejects .* in \d+ of 2 "
-                     r"conditions with γ &lt; 1", html)
-    pdf = pdfium.PdfDocument(str(in_store / "rep" / "report.pdf"))
-    assert len(pdf) >= 4
-    assert all(_ink(pdf[i]) > 0.005 for i in range(len(pdf)))
+        assert f"{step}. " in text
+    assert re.search(r"reward_to_go_missing_discount: claimed biased \(γ < 1\), 4 conditions: exact: "
+                     r"biased in all 4 \(relative bias", text)
+    assert re.search(r"reward_to_go_missing_discount: .*claimed unbiased \(γ = 1\), 1 condition: exact: "
+                     r"unbiased in the one", text)
+    assert "reward_to_go: claimed unbiased, 5 conditions: exact: unbiased in all 5" in text
+    assert "batch_mean_baseline scaled by 0.9" in text  # scale-free: (B-1)/B at B = 10
+    # the first page answers the question before anything else
+    assert text.index("At a glance") < text.index("1. Summary per environment")
+    assert "every one of the 6 estimators that claim to be unbiased and have exact moments is " \
+           "exactly unbiased" in text
+    # fitted_value_baseline has no exact moments: the sampled test is its verdict, Holm-corrected
+    assert re.search(r"for fitted_value_baseline, which has no exact moments and claims to be "
+                     r"unbiased, the sampled test is the verdict: it rejects .* in \d of 2 "
+                     r"estimator-conditions after Holm's correction", text)
 
 
-def test_numbers_come_from_mlflow(in_store):
+def test_no_pdf_page_is_less_than_a_third_full(tiny_report):
+    pdf = pdfium.PdfDocument(str(tiny_report / "report.pdf"))
+    fills = [fill(pdf[i]) for i in range(len(pdf))]
+    assert len(fills) >= 4 and min(fills[:-1]) >= 1 / 3, fills
+
+
+def test_the_fill_measure_sees_a_near_empty_page(tmp_path):
+    """The check above must fail on a page that holds one line."""
+    path = tmp_path / "x.pdf"
+    doc = SimpleDocTemplate(str(path), pagesize=A4)
+    body = getSampleStyleSheet()["BodyText"]
+    doc.build([Paragraph("one line", body), PageBreak(), Paragraph("x " * 3000, body)])
+    pdf = pdfium.PdfDocument(str(path))
+    assert fill(pdf[0]) < 1 / 3 < fill(pdf[1])
+
+
+def test_claimed_unbiased_with_exact_moments_is_never_reported_biased(in_store):
     data = load_runs("tiny_report")
-    assert len(data.conditions) == 4 and set(data.estimator_names) == set(ESTIMATORS)
-    client = MlflowClient(data.uri)
+    judged = judge(data)
+    exact = judged[judged["source"] == "exact"]
+    assert len(exact) and not (exact["claims_unbiased"] & (exact["verdict"] == "biased")).any()
+    assert not judged["contradicts"].any()
+    # the rule that would report it: an exact bias above round-off in a claimed-unbiased run
+    i = judged.index[(judged["estimator"] == "reward_to_go") & (judged["source"] == "exact")][0]
+    data.estimators.loc[i, column("exact_rel_bias")] = 0.2
+    judged = judge(data)
+    assert judged.loc[i, "verdict"] == "biased" and judged.loc[i, "contradicts"]
+    text = _text(render_html(assemble(data, figures=False)))
+    assert "reward_to_go, claimed unbiased, is biased too" in text
+
+
+def test_the_sampled_verdict_counts_with_holm_over_conditions():
+    assert holm([0.01, 0.04, 0.03], 0.05) == [True, False, False]  # 0.03 > 0.05 / 2
+    assert holm([0.01, 0.02, 0.03], 0.05) == [True, True, True]  # step-down: 0.03 <= 0.05 / 1
+    assert holm([0.2, 0.01], 0.05) == [False, True]
+    assert holm([], 0.05) == []
+
+
+def test_clopper_pearson_is_the_exact_binomial_interval():
+    lo, hi = clopper_pearson(2, 40)
+    assert st.binom.sf(1, 40, lo) == pytest.approx(0.025) and st.binom.cdf(2, 40, hi) == \
+        pytest.approx(0.025)
+    assert clopper_pearson(0, 40)[0] == 0 and clopper_pearson(40, 40)[1] == 1
+    assert f"{clopper_pearson(2, 40)[0]:.3f}, {clopper_pearson(2, 40)[1]:.3f}" == "0.006, 0.169"
+
+
+def test_metric_columns_come_from_the_metric_table(in_store, monkeypatch):
+    data = load_runs("tiny_report")
+    names = {m.name for m in METRICS}
+    shown = [c for c in data.estimators.columns if c.removesuffix("_ci_low").removesuffix("_ci_high")
+             in names]
+    assert len(shown) > 20
     row = data.estimators.iloc[0]
-    metrics = client.get_run(row["estimator_run"]).data.metrics
-    assert row["rel_bias"] == metrics["bias/rel"]
-    assert row["var_ratio"] == metrics["variance/ratio_vs_reinforce"]
-    html_default = in_store / "results" / "tiny_report" / "report"
-    assert main(["report", "tiny_report"]) == 0  # a bare name; the default output directory
-    html = (html_default / "report.html").read_text()
-    assert fmt(row["variance"] / row["grad_norm"] ** 2) == fmt(row["noise_to_signal"])
-    assert f"{fmt(row['rel_bias'])} [{fmt(row['rel_bias_lo'])}, {fmt(row['rel_bias_hi'])}]" in html
+    logged = MlflowClient(data.uri).get_run(row["estimator_run"]).data.metrics
+    for m in METRICS:  # every column holds what the table's MLflow key logged
+        if not m.per_batch_size and m.mlflow in logged:
+            assert row[m.name] == logged[m.mlflow]
+    assert set(metric_table().rows[i][1].removesuffix("_at_B") for i in range(len(SHOWN))) <= \
+        {m.mlflow for m in METRICS}
+    with pytest.raises(KeyError):
+        column("rel_bais")
+    # a metric the report reads, taken out of the table: the report cannot be built
+    monkeypatch.setattr(metrics, "_BY_NAME", {k: v for k, v in metrics._BY_NAME.items()
+                                              if k != "exact_cosine"})
+    with pytest.raises(KeyError, match="exact_cosine"):
+        assemble(data, figures=False)
 
 
-def test_a_study_missing_an_axis_still_reports(in_store):
-    assert main(["report", "one.toml", "--out", "one"]) == 0
-    html = (in_store / "one" / "report.html").read_text()
-    assert "Left out: the study did not vary the horizon (one value: 6)." in html
-    assert "not run" in html  # the derivation's steps without their estimators say so
+def test_the_test_level_is_read_from_the_runs(in_store):
+    data = load_runs("tiny_report")
+    sampled = data.estimators["trajectories"] > 0
+    data.estimators.loc[sampled, column("alpha")] = 0.01  # as if the runs had been made at 0.01
+    text = _text(render_html(assemble(data, figures=False)))
+    assert "at level 0.01 (each run's test/alpha)" in text
+
+
+def test_numbers_come_from_mlflow(in_store, tiny_report):
+    data = load_runs("tiny_report")
+    assert len(data.conditions) == 5 and set(data.estimator_names) == set(ESTIMATORS)
+    assert (data.conditions["trajectories"] == 0).sum() == 3
+    judged = judge(data)
+    row = judged[(judged["estimator"] == "reward_to_go_missing_discount")
+                 & (judged["trajectories"] > 0) & (judged["gamma"] == 0.9)].iloc[0]
+    metrics_ = MlflowClient(data.uri).get_run(row["estimator_run"]).data.metrics
+    assert row["bias"] == metrics_["exact/rel_bias"] and row["source"] == "exact"
+    assert fmt(metrics_["exact/rel_bias"]) in (tiny_report / "report.html").read_text()
+    # an estimator without exact moments says why (from the condition run's stats.json)
+    fitted = data.estimators[data.estimators["estimator"] == "fitted_value_baseline"]
+    assert (fitted["no_exact"].str.contains("cross-fitted")).all()
+
+
+def test_calibration_section_counts_rejections_per_seed(in_store):
+    data = load_runs("per_seed")
+    assert data.per_seed and len(data.conditions) == 6
+    report = assemble(data, figures=False)
+    table = next(b for b in report.blocks if isinstance(b, Table) and
+                 b.head[-1] == "inconclusive" and "rejected / tested" in b.head)
+    client = MlflowClient(data.uri)
+    rows = [r for r in table.rows if not isinstance(r, str)]
+    assert [r[0] for r in rows] == ["reinforce", "reward_to_go_missing_discount",
+                                    "fitted_value_baseline"]
+    for r in rows:
+        runs = data.estimators[data.estimators["estimator"] == r[0]]
+        logged = [client.get_run(i).data.metrics for i in runs["estimator_run"]]
+        tested = [m for m in logged if "test/p_value" in m]
+        k = sum(m["test/rejects_unbiased"] == 1 for m in tested)
+        assert r[3] == f"{k} / {len(tested)}"
+        assert r[5] == str(sum(m.get("test/inconclusive") == 1 for m in logged))
+        lo, hi = clopper_pearson(k, len(tested))
+        assert r[4] == f"{fmt(k / len(tested))} [{fmt(lo)}, {fmt(hi)}]"
+    html = _text(render_html(report))
+    assert "Calibration of the sampled test" in html
+    # a study with pooled seeds has no such section
+    other = assemble(load_runs("tiny_report"), figures=False)
+    assert "Calibration of the sampled test" not in _text(render_html(other))
+
+
+def test_group_estimators_section(in_store):
+    data = load_runs("groups")
+    report = assemble(data, figures=False)
+    text = _text(render_html(report))
+    for title in ("Group estimators", "The difficulty bias", "The length bias",
+                  "Variance against RLOO", "The length bias is step D6 again"):
+        assert title in text
+    table = next(b for b in report.blocks if isinstance(b, Table) and b.head[-1] == "largest / smallest")
+    rows = {r[0]: r for r in table.rows[1:] if not isinstance(r, str)}
+    # binary reward, one prompt, G = 2: GRPO's mean is omega_2 = 1/sqrt(2) times grad J, every p
+    g2 = table.rows[1:table.rows.index("group size G = 4")]
+    grpo = next(r for r in g2 if r[0] == "grpo:agg=token-sum")
+    assert grpo[1:3] == ["×0.707", "×0.707"] and grpo[3] == "1"
+    assert next(r for r in g2 if r[0] == "dr_grpo:agg=token-sum")[1:3] == ["×0.5", "×0.5"]
+    assert rows["rloo:agg=token-sum"][1:3] == ["×1", "×1"]
+    assert "seq-mean-token-mean" in text and "step D6" in text
+
+
+def test_a_study_missing_an_axis_still_reports(in_store, capsys):
+    assert main(["report", "one_horizon"]) == 0  # a bare name; the default output directory
+    assert "report.html" in capsys.readouterr().out
+    html = (in_store / "results" / "one_horizon" / "report" / "report.html").read_text()
+    assert "Left out: the study did not vary the horizon alone (values: 6)." in html
+    assert "did not run" in html  # the derivation's steps without their estimators say so
     assert html.count("<img") >= 3
-    assert len(pdfium.PdfDocument(str(in_store / "one" / "report.pdf"))) >= 4
+    pdf = pdfium.PdfDocument(str(in_store / "results" / "one_horizon" / "report" / "report.pdf"))
+    assert len(pdf) >= 3 and min(fill(pdf[i]) for i in range(len(pdf) - 1)) >= 1 / 3
 
 
 def test_a_rerun_condition_counts_once_with_its_latest_finished_run(in_store):
@@ -137,6 +358,19 @@ def test_a_rerun_condition_counts_once_with_its_latest_finished_run(in_store):
     assert failed not in set(data.conditions["condition_run"])
     assert data.skipped["superseded condition runs (re-runs)"] == 2
     assert data.skipped["condition runs not FINISHED"] == 1
+
+
+def test_the_template_markup_becomes_blocks():
+    tables = {"t": Table(["a", "b"], [["1", "2"]])}
+    blocks = parse("# Title @top\n\n{.meta} some\ntext\n\n- one\n- two\n  more\n\n"
+                   "::: box Box\n- x\n\n::: table t\n", tables, {})
+    assert [type(b).__name__ for b in blocks] == ["Heading", "Para", "Bullets", "Box", "Table"]
+    assert blocks[0].anchor == "top" and blocks[1] == Para("some text", "meta")
+    assert blocks[2].items == ("one", "two more")
+    with pytest.raises(KeyError):
+        parse("::: table missing\n", tables, {})
+    with pytest.raises(ValueError, match="unknown directive"):
+        parse("::: tabel t\n", tables, {})
 
 
 @pytest.mark.parametrize("arg", ["no_such_study", "missing.toml"])
