@@ -141,7 +141,7 @@ def _methodology(data: StudyData, judged: pd.DataFrame) -> dict:
     alphas = levels(judged)
     return {
         "sizes": [{"N": f"{n:,}", "B": b, "M": f"{n // b:,}"} for n, b in sizes],
-        "seeds": sorted(set(c["seeds"].astype(str))), "n_seeds": sorted(set(c["n_seeds"])),
+        "seeds": sorted({str(s).strip("[]") for s in c["seeds"]}), "n_seeds": sorted(set(c["n_seeds"])),
         "exact_only": int((c["trajectories"] == 0).sum()), "sampled": len(sampled),
         "alphas": [f"{a:g}" for a in alphas], "alpha": f"{alphas[0]:g}" if alphas else "–",
         "methods": methods,

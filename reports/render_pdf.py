@@ -3,7 +3,7 @@
 with matplotlib) cover γ, λ, ∇ and the other symbols.
 
 Layout keeps pages full: a level-1 heading starts a new page only when less than a third of the
-page is left, and no figure is taller than 0.6 of the page, so a figure moved to the next page
+page is left, and no figure is taller than 0.58 of the page, so a figure moved to the next page
 leaves at least a third of the page filled."""
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def _table(t: Table, st: dict) -> LongTable:
     return table
 
 
-MAX_FIGURE = 0.6  # of the frame height: a figure moved to the next page leaves >= 1/3 filled
+MAX_FIGURE = 0.58  # of the frame height: a figure moved to the next page leaves >= 1/3 filled
 
 
 def _figure(fig, st: dict) -> list:
@@ -167,7 +167,10 @@ def _flowables(blocks: list, st: dict) -> list:
     """The blocks as platypus flowables; a heading is kept with what follows it."""
     out: list = []
     first_h1 = True
+    heading = None
     for i, b in enumerate(blocks):
+        if not isinstance(b, FigureBlock | Heading):
+            heading = None
         if isinstance(b, Heading):
             if b.level == 1:
                 if not first_h1:
@@ -176,10 +179,12 @@ def _flowables(blocks: list, st: dict) -> list:
             else:
                 out.append(CondPageBreak(40 * mm))
             out.append(_p(b.text, st[f"h{b.level}"]))
-            # kept with a following paragraph; a table or figure that follows may need the next
-            # page, and the heading must not pull the rest of this one with it
+            # kept with a following paragraph or figure (at most 0.6 of a page: what they leave
+            # behind is still a third full); a long table may split, and a heading kept with
+            # it would carry the table to the next page whole
             nxt = blocks[i + 1] if i + 1 < len(blocks) else None
             out[-1].keepWithNext = isinstance(nxt, Para | Formula | Bullets)
+            heading = out.pop() if isinstance(nxt, FigureBlock) else None
         elif isinstance(b, Para):
             out.append(_p(b.text, st[b.style]))
         elif isinstance(b, Bullets):
@@ -192,7 +197,10 @@ def _flowables(blocks: list, st: dict) -> list:
         elif isinstance(b, Table):
             out.append(_table(b, st))
         elif isinstance(b, FigureBlock):
-            out += _figure(b.figure, st)
+            drawn = _figure(b.figure, st)
+            if heading is not None:  # the heading just before it moves with it
+                drawn = [KeepTogether([heading, *drawn])]
+            out += drawn
         elif isinstance(b, Pre):
             out.append(Preformatted(b.text, st["pre"]))
         else:

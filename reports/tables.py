@@ -204,10 +204,14 @@ def condition_tables(judged: pd.DataFrame, conditions: pd.DataFrame) -> dict[str
         rows: list = []
         red: set[int] = set()
         for _, c in conds.iterrows():
+            g = judged[judged["condition_run"] == c["condition_run"]].sort_values("order")
+            blank = int((g["verdict"] == "none").sum())  # no exact moments, nothing sampled
+            g = g[g["verdict"] != "none"]
             rows.append(f"{c['label']}  (|∇J| = {fmt(c['grad_norm'])}, J = {fmt(c['J'])}, "
                         + ("exact only" if c["trajectories"] == 0
-                           else f"N = {int(c['trajectories']):,}, B = {int(c['batch_size'])}") + ")")
-            g = judged[judged["condition_run"] == c["condition_run"]].sort_values("order")
+                           else f"N = {int(c['trajectories']):,}, B = {int(c['batch_size'])}")
+                        + (f"; {blank} estimators without exact moments have no numbers here"
+                           if blank else "") + ")")
             for _, r in g.iterrows():
                 if r["contradicts"]:
                     red.add(len(rows))
@@ -229,6 +233,7 @@ def estimator_table(data: StudyData) -> Table:
         mine = est[est["estimator"] == name]
         reasons = list(dict.fromkeys(r for r in mine["no_exact"] if r))
         has = mine[C("exact_rel_bias")].notna().any()
+        reasons = [r if len(r) <= 90 else r.split(" (")[0] for r in reasons]
         if not reasons:
             exact = "yes" if has else "no"
         else:
@@ -273,7 +278,7 @@ def calibration_table(cal: pd.DataFrame) -> Table:
             setting = key
         rows.append([r["estimator"], "unbiased" if r["claims_unbiased"] else "biased", r["exact"],
                      f"{r['rejected']} / {r['tested']}",
-                     ci(r["rate"], r["lo"], r["hi"]) if r["tested"] else "–",
+                     f"{r['rate']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]" if r["tested"] else "–",
                      str(r["inconclusive"])])
     return Table(["estimator", "claim", "exact verdict", "rejected / tested",
                   "rejection rate [95% Clopper-Pearson]", "inconclusive"], rows, "mttnnn",

@@ -304,7 +304,7 @@ def test_calibration_section_counts_rejections_per_seed(in_store):
         assert r[3] == f"{k} / {len(tested)}"
         assert r[5] == str(sum(m.get("test/inconclusive") == 1 for m in logged))
         lo, hi = clopper_pearson(k, len(tested))
-        assert r[4] == f"{fmt(k / len(tested))} [{fmt(lo)}, {fmt(hi)}]"
+        assert r[4] == f"{k / len(tested):.3f} [{lo:.3f}, {hi:.3f}]"
     html = _text(render_html(report))
     assert "Calibration of the sampled test" in html
     # a study with pooled seeds has no such section
