@@ -40,6 +40,7 @@ C = column
 WIDTH = 7.2  # inches: the text width of an A4 page with 15 mm margins
 DPI = 150
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*", "p"]
+STYLES = ["-", "--", ":", "-."]
 RC = {"font.size": 8, "axes.titlesize": 8.5, "axes.labelsize": 8, "xtick.labelsize": 7,
       "ytick.labelsize": 7, "legend.fontsize": 6.8, "legend.title_fontsize": 7.2,
       "figure.dpi": DPI, "savefig.dpi": DPI, "svg.hashsalt": "report", "axes.titleweight": "bold"}
@@ -593,11 +594,15 @@ def difficulty_figure(rows: pd.DataFrame, prompts: list[tuple[str, float]]) -> F
             ax.set_visible(False)
         for ax, base in zip(axes.flat, bases, strict=False):
             sub = rows[rows["base"] == base]
-            for (env, p), colour in zip(prompts, colours, strict=True):
+            for k, ((env, p), colour) in enumerate(zip(prompts, colours, strict=True)):
                 line = sub[sub["env"] == env].sort_values("batch_size")
-                ax.plot(line["batch_size"], line["norm_ratio_shown"], marker="o", ms=3, lw=1,
-                        color=colour, label=f"p = {p:.2f}")
+                ax.plot(line["batch_size"], line["norm_ratio_shown"], marker=MARKERS[k],
+                        ms=5 - 1.2 * k, lw=1.6 - 0.4 * k, ls=STYLES[k % len(STYLES)],
+                        color=colour, label=f"p = {p:.2f}")  # equal lines stay visible
             ax.axhline(1, color="0.5", lw=0.7, ls="--")
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(min(lo, 0.9), max(hi, 1.1))
+            ax.ticklabel_format(axis="y", useOffset=False, style="plain")
             ax.set_xscale("log", base=2)
             sizes = sorted(sub["batch_size"].unique())
             ax.set_xticks(sizes, [f"{int(g)}" for g in sizes])
@@ -608,13 +613,16 @@ def difficulty_figure(rows: pd.DataFrame, prompts: list[tuple[str, float]]) -> F
             ax.set_xlabel("group size G", fontsize=7)
         for ax in axes[:, 0]:
             ax.set_ylabel("|E ĝ| / |∇J|", fontsize=7)
-        handles = [plt.Line2D([], [], color=c, marker="o", ms=3, lw=1) for c in colours]
+        handles = [plt.Line2D([], [], color=c, marker=MARKERS[k], ms=5 - 1.2 * k, lw=1.6 - 0.4 * k,
+                              ls=STYLES[k % len(STYLES)]) for k, c in enumerate(colours)]
         fig.legend(handles, [f"prompt with pass rate {p:.2f}" for _, p in prompts],
                    loc="outside lower center", ncol=len(prompts), frameon=False)
         png = _png(fig)
     return Figure("difficulty", title, png=png, caption=(
         "Exact norm ratio of each group estimator's mean (loss summed over tokens) against the "
-        "group size, one line per prompt. At 1 (dashed) the estimator is unbiased; a constant "
+        "group size, one line per prompt (lines of prompts with pass rates p and 1 − p often "
+        "coincide: GRPO's scale is symmetric in p). At 1 (dashed grey) the estimator is unbiased; "
+        "a constant "
         "line is a scale a step size absorbs; lines that differ between prompts are the "
         "difficulty bias."))
 

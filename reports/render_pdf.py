@@ -179,7 +179,7 @@ def _flowables(blocks: list, st: dict) -> list:
             else:
                 out.append(CondPageBreak(40 * mm))
             out.append(_p(b.text, st[f"h{b.level}"]))
-            # kept with a following paragraph or figure (at most 0.6 of a page: what they leave
+            # kept with a following paragraph or figure (at most 0.58 of a page: what they leave
             # behind is still a third full); a long table may split, and a heading kept with
             # it would carry the table to the next page whole
             nxt = blocks[i + 1] if i + 1 < len(blocks) else None

@@ -42,7 +42,7 @@ def _bias_cell(t: Tally) -> str:
         if t.inconclusive:
             need = t.trajectories_needed
             return (f"inconclusive in {t.inconclusive}/{t.n}"
-                    + (f" (needs N ≈ {fmt(need)})" if pd.notna(need) else "") + mark)
+                    + (f" (needs N ≈ {int(need):,})" if pd.notna(need) else "") + mark)
         return "unbiased" + mark
     b = t.values("bias", biased_only=True)
     rows = t.measured[t.measured["verdict"] == "biased"]
@@ -138,7 +138,7 @@ def _check_cell(t: Tally) -> str:
     if len(sampled) > len(tested):
         need = sampled[C("trajectories_needed")].max()
         parts.append(f"inconclusive in {len(sampled) - len(tested)}"
-                     + (f", needs N ≈ {fmt(need)}" if pd.notna(need) else ""))
+                     + (f", needs N ≈ {int(need):,}" if pd.notna(need) else ""))
     return "; ".join(parts) or "not sampled"
 
 

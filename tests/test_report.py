@@ -226,6 +226,20 @@ def test_claimed_unbiased_with_exact_moments_is_never_reported_biased(in_store):
     assert "reward_to_go, claimed unbiased, is biased too" in text
 
 
+def test_an_inconclusive_test_shows_as_such_with_the_trajectories_it_needs(in_store):
+    data = load_runs("tiny_report")
+    rows = (data.estimators["estimator"] == "fitted_value_baseline") & \
+        (data.estimators["trajectories"] > 0)
+    data.estimators.loc[rows, [column("p_value"), column("rejects_unbiased")]] = np.nan
+    data.estimators.loc[rows, column("test_inconclusive")] = 1.0
+    data.estimators.loc[rows, column("trajectories_needed")] = 52_000
+    judged = judge(data)
+    assert set(judged.loc[rows, "verdict"]) == {"inconclusive"}
+    text = _text(render_html(assemble(data, figures=False)))
+    assert "inconclusive in 2/2 (needs N ≈ 52,000) (sampled)" in text  # the first page
+    assert "inconclusive in 2, needs N ≈ 52,000" in text  # the summary's sampled check
+
+
 def test_the_sampled_verdict_counts_with_holm_over_conditions():
     assert holm([0.01, 0.04, 0.03], 0.05) == [True, False, False]  # 0.03 > 0.05 / 2
     assert holm([0.01, 0.02, 0.03], 0.05) == [True, True, True]  # step-down: 0.03 <= 0.05 / 1
