@@ -285,7 +285,8 @@ def ratio_heatmap(judged: pd.DataFrame, data: StudyData) -> Figure:
     table = table.reindex(order)
     vals = table.to_numpy(dtype=float)
     finite = vals[np.isfinite(vals) & (vals > 0)]
-    span = max(abs(math.log10(finite.min())), abs(math.log10(finite.max())), 0.5)
+    # at most two decades each way: beyond, the colour saturates (the numbers are in the cells)
+    span = min(max(abs(math.log10(finite.min())), abs(math.log10(finite.max())), 0.5), 2.0)
     annot = [[("" if not np.isfinite(v) else f"{v:.3g}" + ("ˢ" if sampled.get((n, e), False) else ""))
               for v, e in zip(row, table.columns, strict=True)] for n, row in zip(order, vals, strict=True)]
     width = min(WIDTH, 3.0 + 1.1 * table.shape[1])
@@ -312,7 +313,8 @@ def ratio_heatmap(judged: pd.DataFrame, data: StudyData) -> Figure:
         "Variance of one trajectory's estimate divided by reinforce's, exact"
         + (" (median over the conditions of each environment)" if several else "")
         + "; ˢ: sampled, paired on the same trajectories (no exact moments). Blue: less variance "
-        "than reinforce; red: more. Lines separate the families."))
+        "than reinforce; red: more (the colour saturates beyond a factor 100). Lines separate "
+        "the families."))
 
 
 # ------------------------------------------------------------------ one factor at a time

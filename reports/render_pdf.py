@@ -17,14 +17,15 @@ from reportlab.lib.enums import TA_RIGHT
 from reportlab.lib.pagesizes import A4
 from reportlab.lib.styles import ParagraphStyle
 from reportlab.lib.units import mm
+from reportlab.lib.utils import ImageReader
 from reportlab.platypus import (
     CondPageBreak,
-    Image,
-    KeepTogether,
+    Flowable,
     LongTable,
     Paragraph,
     Preformatted,
     SimpleDocTemplate,
+    Spacer,
     TableStyle,
 )
 
@@ -136,12 +137,49 @@ def _table(t: Table, st: dict) -> LongTable:
 MAX_FIGURE = 0.58  # of the frame height: a figure moved to the next page leaves >= 1/3 filled
 
 
-def _figure(fig, st: dict) -> list:
+class _Figure(Flowable):
+    """A figure as one flowable: an optional heading, the image, its caption. It takes its
+    natural size where that fits, shrinks the image down to SHRINK of it to fit the space left
+    on the page, and only then moves to the next page (which therefore happens with less than
+    SHRINK x MAX_FIGURE of the page left: the page it leaves is more than half full)."""
+
+    def __init__(self, png: bytes, width: float, height: float, caption: Paragraph,
+                 heading: Paragraph | None = None):
+        super().__init__()
+        self.png, self.full = png, (width, height)
+        self.caption, self.heading = caption, heading
+        self.size, self.parts = self.full, (0.0, 0.0)
+
+    def wrap(self, avail_w: float, avail_h: float):
+        head = self.heading.wrap(avail_w, avail_h)[1] + 8 if self.heading else 0.0
+        cap = self.caption.wrap(avail_w, avail_h)[1] + 4
+        w, h = self.full
+        room = avail_h - head - cap - 10
+        k = 1.0 if h <= room else (room / h if room >= SHRINK * h else 1.0)
+        self.size, self.parts = (w * k, h * k), (head, cap)
+        return avail_w, head + self.size[1] + cap + 10
+
+    def draw(self) -> None:
+        """Bottom up: the caption, 10 pt, the image (centred), the heading at the top."""
+        head, cap = self.parts
+        w, h = self.size
+        if self.heading:
+            top = head + h + cap + 10
+            self.heading.drawOn(self.canv, 0, top - self.heading.height)
+        self.canv.drawImage(ImageReader(io.BytesIO(self.png)), (FRAME_W - w) / 2, cap + 6, w, h)
+        self.caption.drawOn(self.canv, 0, 0)
+
+
+SHRINK = 0.7
+
+
+def _figure(fig, st: dict, heading: Paragraph | None = None) -> list:
     """The PNG scaled to the frame width (and to MAX_FIGURE of the page, keeping its aspect)."""
     from PIL import Image as PILImage
 
     if not fig.png:
-        return [Paragraph(f"<b>{escape(fig.title)}:</b> {markup(fig.note or '', 'pdf')}", st["note"])]
+        note = Paragraph(f"<b>{escape(fig.title)}:</b> {markup(fig.note or '', 'pdf')}", st["note"])
+        return [heading, note] if heading else [note]
     w_px, h_px = PILImage.open(io.BytesIO(fig.png)).size
     caption = Paragraph(f"<b>{escape(fig.title)}.</b> {markup(fig.caption, 'pdf')}", st["caption"])
     width = min(FRAME_W, w_px / 150 * 72)  # PNGs are 150 dpi: never enlarge them
@@ -149,7 +187,7 @@ def _figure(fig, st: dict) -> list:
     room = FRAME_H * MAX_FIGURE - caption.wrap(FRAME_W, FRAME_H)[1]
     if height > room:
         width, height = width * room / height, room
-    return [KeepTogether([Image(io.BytesIO(fig.png), width=width, height=height), caption])]
+    return [_Figure(fig.png, width, height, caption, heading), Spacer(1, 8)]
 
 
 def _box(b: Box, st: dict) -> LongTable:
@@ -197,10 +235,8 @@ def _flowables(blocks: list, st: dict) -> list:
         elif isinstance(b, Table):
             out.append(_table(b, st))
         elif isinstance(b, FigureBlock):
-            drawn = _figure(b.figure, st)
-            if heading is not None:  # the heading just before it moves with it
-                drawn = [KeepTogether([heading, *drawn])]
-            out += drawn
+            out += _figure(b.figure, st, heading)  # the heading just before it moves with it
+            heading = None
         elif isinstance(b, Pre):
             out.append(Preformatted(b.text, st["pre"]))
         else:
