@@ -161,6 +161,21 @@ def _family_axis(ax, pos: dict, spans: list, style: dict) -> None:
         del end
 
 
+def _legend_entries(members: list[str], style: dict) -> tuple[list, list[str]]:
+    """Handles and labels of one family's legend; a family of more than 12 variants of a few
+    base estimators (``grpo:agg=...``) lists the bases (colour) and the variants (marker)."""
+    variants = list(dict.fromkeys(n.partition(":")[2] for n in members))
+    if len(members) <= 12 or len(variants) < 2:
+        return ([plt.Line2D([], [], color=style[n][0], marker=style[n][1], ms=3, lw=1)
+                 for n in members], list(members))
+    bases = list(dict.fromkeys(n.split(":")[0] for n in members))
+    first = {b: next(n for n in members if n.split(":")[0] == b) for b in bases}
+    marker = {v: style[next(n for n in members if n.partition(":")[2] == v)][1] for v in variants}
+    handles = [plt.Line2D([], [], color=style[first[b]][0], lw=1.5) for b in bases]
+    handles += [plt.Line2D([], [], color="0.4", marker=marker[v], ls="", ms=3.5) for v in variants]
+    return handles, bases + [v or "(plain)" for v in variants]
+
+
 def _family_labels(ax, spans: list) -> None:
     for fam, start, end in spans:
         ax.text(1.01, (start + end) / 2, fam, transform=ax.get_yaxis_transform(), rotation=-90,
@@ -411,11 +426,10 @@ def against_figure(judged: pd.DataFrame, data: StudyData, axis: str, key: str, x
         axes[0][0].set_ylabel("")
     for i, (fam, members) in enumerate(groups):
         axes[i][0].set_ylabel(f"{fam}\nvariance (log)", fontsize=7)
-        handles = [plt.Line2D([], [], color=style[n][0], marker=style[n][1], ms=3, lw=1)
-                   for n in members]
+        handles, labels = _legend_entries(members, style)
         extra = [] if "reinforce" in members else ["reinforce"]
         handles += [plt.Line2D([], [], color="0.55", ls="--", lw=1)] * len(extra)
-        axes[i][-1].legend(handles, [*members, *extra], loc="center left",
+        axes[i][-1].legend(handles, [*labels, *extra], loc="center left",
                            bbox_to_anchor=(1.02, 0.5), frameon=False, fontsize=6,
                            handlelength=1.6, borderaxespad=0)
     base = _base_point(sl, axis, key)
@@ -486,6 +500,11 @@ def batch_figure(judged: pd.DataFrame, data: StudyData) -> Figure:
         return Figure("batch", title, note="Left out: the runs hold no per-batch-size metrics.")
     src = judged.set_index("estimator_run")["source"]
     b = b.assign(source=b["estimator_run"].map(src))
+    sizes = b["batch_size"].value_counts()
+    own = None
+    if len(sizes) > 1:  # an estimator's curve must not mix conditions of different batch sizes
+        own = int(max(sizes[sizes == sizes.max()].index))
+        b = b[b["batch_size"] == own]
     exact_col, sampled_col = C("exact_rel_mse"), C("rel_mse")
     b["value"] = b[exact_col].where(b["source"] == "exact", b.get(sampled_col))
     b = b.dropna(subset=["value"])
@@ -522,9 +541,8 @@ def batch_figure(judged: pd.DataFrame, data: StudyData) -> Figure:
                 ax.set_xlabel("batch size B (log)", fontsize=7)
     for i, (fam, members) in enumerate(groups):
         axes[i][0].set_ylabel(f"{fam}\nrelative MSE (log)", fontsize=7)
-        handles = [plt.Line2D([], [], color=style[n][0], marker=style[n][1], ms=3, lw=1)
-                   for n in members]
-        axes[i][-1].legend(handles, members, loc="center left", bbox_to_anchor=(1.02, 0.5),
+        handles, labels = _legend_entries(members, style)
+        axes[i][-1].legend(handles, labels, loc="center left", bbox_to_anchor=(1.02, 0.5),
                            frameon=False, fontsize=6, handlelength=1.6, borderaxespad=0)
     several = b.groupby(["env", "estimator", "B"])["condition_run"].nunique().max() > 1
     return Figure("batch", title, png=_png(fig), caption=(
@@ -532,6 +550,7 @@ def batch_figure(judged: pd.DataFrame, data: StudyData) -> Figure:
         "squared relative bias plus the batch variance over |∇J|²; dotted: sampled, for "
         "estimators without exact moments)" + (", median over the sampled conditions" if several
                                                 else "")
+        + (f", of the conditions with batch size {own} (the study varies it)" if own else "")
         + ". The dashed line is 0.1. An unbiased estimator falls like 1/B; a biased one levels "
         "off at its squared relative bias."))
 
