@@ -43,7 +43,8 @@ def _bias_cell(t: Tally) -> str:
             need = t.trajectories_needed
             return (f"inconclusive in {t.inconclusive}/{t.n}"
                     + (f" (needs N ≈ {int(need):,})" if pd.notna(need) else "") + mark)
-        return "unbiased" + mark
+        # a test that does not reject has not shown the estimator unbiased
+        return "unbiased" if t.source == "exact" else "not rejected" + mark
     b = t.values("bias", biased_only=True)
     rows = t.measured[t.measured["verdict"] == "biased"]
     scale = _scale(rows["cosine_shown"].median(), rows["norm_ratio_shown"].median())

@@ -58,6 +58,8 @@ def span(values, digits: int | str = 3) -> str:
     if lo == hi:
         return show(v.median())
     small = cosine if digits == "cos" else (lambda x: fmt(x, 2))
+    if small(v.min()) == small(v.max()):  # the short form would hide the range
+        small = show
     return f"{show(v.median())} ({small(v.min())}–{small(v.max())})"
 
 

@@ -151,7 +151,8 @@ class Tally:
 
     @property
     def verdict(self) -> str:
-        """'unbiased' | 'biased' | 'biased in k/n' | 'inconclusive in k/n' (...), '–'."""
+        """'unbiased' | 'biased' | 'biased in k/n' | 'inconclusive in k/n' | 'not rejected'
+        (sampled) (...), '–'."""
         n, k, i = self.n, self.biased, self.inconclusive
         if n == 0:
             return "–"
@@ -160,8 +161,10 @@ class Tally:
             parts.append("biased" if k == n else f"biased in {k}/{n}")
         if i:
             parts.append(f"inconclusive in {i}/{n}")
-        if not parts:
+        if not parts and self.source == "exact":
             parts.append("unbiased" if n == 1 else f"unbiased in all {n}")
+        elif not parts:  # a test that does not reject has not shown the estimator unbiased
+            parts.append("not rejected" if n == 1 else f"not rejected in {n}")
         return ", ".join(parts)
 
     def values(self, col: str, biased_only: bool = False) -> pd.Series:
