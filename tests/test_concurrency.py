@@ -164,7 +164,8 @@ def test_fail_running_fails_only_trials_whose_heartbeat_stopped(tmp_path, monkey
 
 def test_a_sigkilled_invocation_is_reported_then_redone_with_fail_running(tmp_path):
     storage, uri = _sqlite(tmp_path)
-    path = write(tmp_path, SLOW.format(trajectories=100_000))
+    # long enough (a few seconds) that the kill lands while its one trial is RUNNING
+    path = write(tmp_path, SLOW.format(trajectories=2_000_000))
     env = env_for(uri, **FAST_BEAT)
     victim = start(["study", str(path), "--storage", storage, "--trials", "1"], tmp_path, env)
     _wait_running(storage, "slow")

@@ -144,7 +144,7 @@ def test_a_study_prints_a_line_per_trial_in_a_log(tmp_path, monkeypatch, capsys)
 def test_condition_labels_name_what_varies():
     default = load_study(ROOT / "studies" / "default.toml")  # an environment and a case
     assert condition_label(default, {"env": "Taxi-v4", "case": 2}) == \
-        "Taxi-v4 | uniform | γ=0.99 | H=10 | N=0"
+        "Taxi-v4 | uniform | γ=0.99 | H=5 | N=0"
     calibration = load_study(ROOT / "studies" / "calibration.toml")  # cases and per-seed trials
     assert condition_label(calibration, {"seed": 3, "case": 1}) == \
         "Taxi-v4 | trained:fraction=0.5 | H=50 | seed=3"
