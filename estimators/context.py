@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -13,6 +12,7 @@ from suite.core.contraction import BatchContraction, Grads
 from suite.core.exact import ExactSolution
 from suite.core.mdp import MDP
 from suite.core.sampler import Batch
+from suite.core.scan import sum_to_go
 
 __all__ = ["Context"]
 
@@ -57,23 +57,9 @@ class Context:
         return torch.tensor(self.gamma, dtype=torch.float64, device=self.device) ** t
 
     def discounted_sum_to_go(self, x: Tensor, factor: float) -> Tensor:
-        """y_t = sum_{k >= t} factor^(k-t) x_k for x [N, T].
-
-        When factor^(T-1) stays far from underflow: a reverse cumulative sum of factor^k x_k
-        divided by factor^t (each partial sum holds only terms k >= t, so the relative error stays
-        at float64 round-off). Otherwise one product with the upper-triangular [T, T] matrix of
-        factor^(k-t). factor = 0 returns x itself."""
-        if factor == 0:
-            return x
-        if factor > 0 and (self.T - 1) * math.log(factor) > -500:
-            powers = factor ** torch.arange(self.T, dtype=torch.float64, device=self.device)
-            return (x * powers).flip(1).cumsum(1).flip(1) / powers
-        t = torch.arange(self.T, device=self.device)
-        lag = t[:, None] - t[None, :]  # k - t for row k, column t
-        base = torch.tensor(factor, dtype=torch.float64, device=self.device)
-        kernel = torch.where(lag >= 0, base ** lag.clamp(min=0).to(torch.float64),
-                             torch.zeros((), dtype=torch.float64, device=self.device))
-        return x @ kernel
+        """y_t = sum_{k >= t} factor^(k-t) x_k for x [N, T] (suite.core.scan.sum_to_go: one
+        backward pass per row on the CPU). factor = 0 returns x itself."""
+        return sum_to_go(x, factor)
 
     @cached_property
     def reward_to_go(self) -> Tensor:

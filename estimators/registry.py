@@ -78,13 +78,20 @@ class Estimator:
             raise TypeError(f"{self.name} returns gradients, not weights")
         return _as_weights(out, expectation, generator or ctx.generator)
 
-    def gradients(self, ctx: Context, expectation: bool = False,
-                  generator: torch.Generator | None = None) -> Grads:
-        """Per-trajectory gradients on ctx's batch (see ``weights``)."""
+    def output(self, ctx: Context, expectation: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor | Grads:
+        """Step weights w [N, T] (of a weighting or a drawn single step), or the gradients of an
+        estimator that returns them (see ``weights``)."""
         out = self.fn(ctx)
         if isinstance(out, Grads):
             return out
-        return ctx.score(_as_weights(out, expectation, generator or ctx.generator))
+        return _as_weights(out, expectation, generator or ctx.generator)
+
+    def gradients(self, ctx: Context, expectation: bool = False,
+                  generator: torch.Generator | None = None) -> Grads:
+        """Per-trajectory gradients on ctx's batch (see ``weights``)."""
+        out = self.output(ctx, expectation, generator)
+        return out if isinstance(out, Grads) else ctx.score(out)
 
 
 def _as_weights(out: torch.Tensor | StepDraw, expectation: bool,

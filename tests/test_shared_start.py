@@ -50,7 +50,7 @@ def test_group_size_must_divide_the_chunks():
 def test_measure_with_a_shared_start_is_reproducible_and_thread_independent(monkeypatch):
     import suite.harness.measure as measure_module
 
-    monkeypatch.setattr(measure_module, "default_chunk_size", lambda horizon: 480)
+    monkeypatch.setattr(measure_module, "default_chunk_size", lambda horizon, device=None: 480)
     monkeypatch.setattr(measure_module, "STEPS_PER_PIECE", 960)
     mdp = make_mdp("tokens:vocab=2,max_len=3,prompts=3")
     policy = random_policy(mdp.n_states, mdp.n_actions, seed=1)

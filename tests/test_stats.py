@@ -167,7 +167,7 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch):
     """Chunks are reduced by any thread in any order; their sums are added in chunk order."""
     import suite.harness.measure as measure_module
 
-    monkeypatch.setattr(measure_module, "default_chunk_size", lambda horizon: 500)
+    monkeypatch.setattr(measure_module, "default_chunk_size", lambda horizon, device=None: 500)
     monkeypatch.setattr(measure_module, "STEPS_PER_PIECE", 1000)
     mdp = tiny_mdp(seed=4, S=3)
     policy = random_policy(3, 2, seed=0)
@@ -177,7 +177,7 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch):
     runs = [measure(mdp, policy, sol, chosen, 4000, 10, seed=5, device="cpu", threads=k)
             for k in (1, 2, 4)]
     assert torch.get_num_threads() == before  # torch's own thread count is restored
-    chunk, _ = measure_module._chunk_sizes(4000, 5, 160)
+    chunk, _ = measure_module.chunk_sizes(4000, 5, 160)
     assert 4000 // chunk >= 4, "the test needs several chunks"
     for other in runs[1:]:
         assert other.stats == runs[0].stats

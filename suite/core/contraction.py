@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Self
 
 import torch
@@ -208,31 +209,62 @@ class Contraction:
 
 
 class BatchContraction:
-    """Turns step weights (or per-step cotangents on pi) into Grads on one batch."""
+    """Turns step weights (or per-step cotangents on pi) into Grads on one batch. The step and
+    row indexes are built on first use (an estimator whose statistics are fused never needs
+    them)."""
 
     def __init__(self, base: Contraction, batch: Batch):
         self.S, self.A, self.pi, self.tabular = base.S, base.A, base.pi, base.tabular
         self.J_log, self.J_pi = base.J_log, base.J_pi
         self.batch = batch
         self.mask = batch.mask
-        T = self.mask.shape[1]
-        # flat [N*T] positions of the sampled steps, in (trajectory, time) order: one nonzero
-        # per batch; every later selection is an index_select with it
-        self.flat = self.mask.reshape(-1).nonzero().squeeze(1)  # [L]
-        traj, self.step_time = self.flat // T, self.flat % T
-        states, actions = self.steps_of(batch.states), self.steps_of(batch.actions)
-        self.step_traj, self.step_state, self.step_action = traj, states, actions
-        if self.tabular:
-            # rows = distinct (trajectory, state) keys, numbered in key order via a dense flag map
-            key = traj * self.S + states
-            flags = torch.zeros(batch.n * self.S, dtype=torch.bool, device=key.device)
-            flags[key] = True
-            step_row = (flags.cumsum(0) - 1)[key]
-            keys = flags.nonzero().squeeze(1)
-            self.rows = _Rows(step_row, actions, keys // self.S, keys % self.S, batch.n, self.S,
-                              self.A)
-            self.slot = step_row * self.A + actions  # [L] entry of each step in the [V, A] table
-            self.pi_rows = self.pi[self.rows.row_state]  # [V, A]
+
+    @cached_property
+    def flat(self) -> Tensor:
+        """[L] flat [N*T] positions of the sampled steps, in (trajectory, time) order: one
+        nonzero per batch; every later selection is an index_select with it."""
+        return self.mask.reshape(-1).nonzero().squeeze(1)
+
+    @cached_property
+    def step_traj(self) -> Tensor:  # [L]
+        return self.flat // self.mask.shape[1]
+
+    @cached_property
+    def step_time(self) -> Tensor:  # [L]
+        return self.flat % self.mask.shape[1]
+
+    @cached_property
+    def step_state(self) -> Tensor:  # [L]
+        return self.steps_of(self.batch.states)
+
+    @cached_property
+    def step_action(self) -> Tensor:  # [L]
+        return self.steps_of(self.batch.actions)
+
+    @cached_property
+    def _tabular_rows(self) -> tuple[_Rows, Tensor, Tensor]:
+        """Rows = distinct (trajectory, state) keys, numbered in key order via a dense flag map;
+        the [V, A] entry of each step; pi at each row [V, A]."""
+        key = self.step_traj * self.S + self.step_state
+        flags = torch.zeros(self.batch.n * self.S, dtype=torch.bool, device=key.device)
+        flags[key] = True
+        step_row = (flags.cumsum(0) - 1)[key]
+        keys = flags.nonzero().squeeze(1)
+        rows = _Rows(step_row, self.step_action, keys // self.S, keys % self.S, self.batch.n,
+                     self.S, self.A)
+        return rows, step_row * self.A + self.step_action, self.pi[rows.row_state]
+
+    @property
+    def rows(self) -> _Rows:
+        return self._tabular_rows[0]
+
+    @property
+    def slot(self) -> Tensor:  # [L] entry of each step in the [V, A] table
+        return self._tabular_rows[1]
+
+    @property
+    def pi_rows(self) -> Tensor:  # [V, A]
+        return self._tabular_rows[2]
 
     def steps_of(self, x: Tensor) -> Tensor:
         """The sampled steps of x [N, T, ...], in the contraction's step order: [L, ...]."""

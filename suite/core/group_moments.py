@@ -62,6 +62,7 @@ GRPO_EPS = 1e-6  # GRPO's (R - mean) / (std + eps)
 WHITEN_EPS = 1e-8  # the variance floor of verl's masked_whiten: (x - m) / sqrt(v + 1e-8)
 MAX_PATHS = 1_000_000  # trajectories enumerated at most
 MAX_LATTICE = 4_000_000  # (sums of the other members) x (outcomes) held at once, at most
+MAX_PAIR_WORK = 50_000_000  # (pairs of outcomes) x (sums of the others) for E|g|^2, at most
 
 
 class _TooLarge(Exception):
@@ -315,6 +316,9 @@ def _population(feats: dict[str, np.ndarray], prob: Tensor, u: Tensor, n: Tensor
     second = member_second / G
     if G >= 2:
         keys, probs = others[G - 2]
+        if K * K * len(probs) > MAX_PAIR_WORK:
+            raise _TooLarge(f"{K:,} x {K:,} pairs of outcomes x {len(probs):,} values of the "
+                            f"others' sums")
         W = np.empty((K, K))
         for k in range(K):
             total = keys[None, :, :] + phi[k][None, None, :] + phi[:, None, :]  # [K(l), |T|, d]

@@ -27,6 +27,8 @@ from .mdp import MDP
 __all__ = ["Batch", "ChunkSampler", "default_chunk_size", "resolve_device", "sample", "sample_chunks"]
 
 CHUNK_BYTES = 48 * 2**20  # one chunk's buffers: small enough to stay in the allocator's cache
+CUDA_CHUNK_BYTES = 4 * 2**30  # on a GPU: each step is a few kernel launches over the whole chunk,
+#                               so chunks must be large enough to hide the launches
 
 
 @dataclass(frozen=True)
@@ -72,9 +74,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def default_chunk_size(horizon: int) -> int:
-    """Trajectories per chunk so that one chunk's buffers take about CHUNK_BYTES."""
-    return max(1024, CHUNK_BYTES // (26 * horizon))
+def default_chunk_size(horizon: int, device: str | torch.device | None = None) -> int:
+    """Trajectories per chunk so that one chunk's buffers take about CHUNK_BYTES (on CUDA,
+    CUDA_CHUNK_BYTES)."""
+    cuda = device is not None and torch.device(device).type == "cuda"
+    return max(1024, (CUDA_CHUNK_BYTES if cuda else CHUNK_BYTES) // (26 * horizon))
 
 
 def alias_tables(probs: Tensor) -> tuple[Tensor, Tensor]:
@@ -148,8 +152,8 @@ def _check(mdp: MDP, pi: Tensor, horizon: int, n: int) -> None:
 
 def _sample_chunk(tab: _Tables, horizon: int, n: int, gen: torch.Generator,
                   device: torch.device, group_size: int = 1) -> Batch:
-    def uniform(k: int = n) -> Tensor:
-        return torch.rand(k, generator=gen, dtype=torch.float64, device=device)
+    def uniform(k: int = n) -> Tensor:  # from gen's stream, wherever it lives
+        return torch.rand(k, generator=gen, dtype=torch.float64, device=gen.device).to(device)
 
     states = torch.empty(horizon, n, dtype=torch.int64, device=device)
     outcomes = torch.empty(horizon, n, dtype=torch.int64, device=device)
@@ -179,19 +183,26 @@ def _sample_chunk(tab: _Tables, horizon: int, n: int, gen: torch.Generator,
 class ChunkSampler:
     """n trajectories under policy table pi as numbered chunks; chunk c is drawn from its own
     generator, seeded by (seed, c), so any chunk can be drawn alone, by any thread, in any order,
-    and the trajectories depend only on (seed, chunk_size, group_size). ``group_size`` G > 1:
-    each run of G trajectories shares one start state (G must divide n and chunk_size)."""
+    and the trajectories depend only on (seed, chunk_size, group_size) and the random stream.
+    ``group_size`` G > 1: each run of G trajectories shares one start state (G must divide n
+    and chunk_size). ``stream``: "device" draws the uniforms on the sampling device (CUDA's
+    Philox stream differs from the CPU's Mersenne twister, so a GPU run and a CPU run of one
+    seed see different trajectories); "cpu" draws them on the CPU and moves them (the CPU's
+    trajectories on any device; slower, for checks)."""
 
     def __init__(self, mdp: MDP, pi: Tensor, horizon: int, n: int, seed: int = 0,
                  device: str | torch.device = "auto", chunk_size: int | None = None,
-                 group_size: int = 1):
+                 group_size: int = 1, stream: str = "device"):
         _check(mdp, pi, horizon, n)
+        if stream not in ("device", "cpu"):
+            raise InputError(f"random stream must be device or cpu, got '{stream}'")
         self.device = resolve_device(device)
+        self.stream = stream
         self.tables = _Tables(mdp, pi.detach(), self.device)
         self.horizon, self.n, self.seed = int(horizon), int(n), int(seed)
         self.group_size = int(group_size)
         g = max(self.group_size, 1)
-        self.chunk_size = chunk_size or max(g, default_chunk_size(horizon) // g * g)
+        self.chunk_size = chunk_size or max(g, default_chunk_size(horizon, self.device) // g * g)
         if self.group_size < 1 or n % self.group_size or self.chunk_size % self.group_size:
             raise InputError(f"shared start: the group size must divide the number of "
                              f"trajectories ({n}) and the chunk size ({self.chunk_size}), got "
@@ -207,7 +218,7 @@ class ChunkSampler:
     def chunk(self, c: int) -> Batch:
         if not 0 <= c < len(self):
             raise IndexError(f"chunk {c} out of range 0..{len(self) - 1}")
-        gen = torch.Generator(device=self.device)
+        gen = torch.Generator(device="cpu" if self.stream == "cpu" else self.device)
         gen.manual_seed(int(np.random.SeedSequence([self.seed, c]).generate_state(1)[0]))
         size = min(self.chunk_size, self.n - self.first(c))
         return _sample_chunk(self.tables, self.horizon, size, gen, self.device, self.group_size)

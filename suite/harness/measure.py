@@ -14,9 +14,10 @@ import torch
 
 from estimators import Context
 
-from ..core.contraction import Contraction
+from ..core.contraction import Contraction, Grads
 from ..core.errors import InputError
 from ..core.exact import ExactSolution
+from ..core.fused import FusedMoments
 from ..core.limits import check_limit
 from ..core.mdp import MDP
 from ..core.policies import Policy
@@ -25,7 +26,7 @@ from ..core.stats import SUMS, ChunkIndex, Moments, block_factors, summarize
 from ..core.threads import intra_op_threads
 from .exact_table import ExactRow, agreement, exact_rows
 
-__all__ = ["MIN_BATCHES", "Measurement", "check_sizes", "measure", "statistics"]
+__all__ = ["MIN_BATCHES", "Measurement", "check_sizes", "chunk_sizes", "measure", "statistics"]
 
 MIN_BATCHES = 10  # the t-test and the bootstrap need enough independent batches and groups
 @dataclass(frozen=True)
@@ -61,20 +62,27 @@ def check_sizes(n: int, batch_size: int, estimators) -> None:
 
 
 STEPS_PER_PIECE = 512_000  # trajectories x horizon handled by the estimators at once (cache-sized)
+CUDA_STEPS_PER_PIECE = 32_000_000  # the same on a GPU: large, so each operation fills the device
+FUSED_STEPS_PER_PIECE = 128_000  # the same when the compiled kernels fold the sums (any whole
+#                                  number of batches will do: smaller, so the weights stay in cache)
 
 
-def _chunk_sizes(n: int, horizon: int, block: int) -> tuple[int, int]:
+def chunk_sizes(n: int, horizon: int, block: int,
+                device: torch.device | None = None) -> tuple[int, int]:
     """(sampler chunk, estimator piece): the piece a multiple of the largest block, small enough
     to stay in cache; the chunk a multiple of the piece, near the sampler's memory budget."""
-    piece = min(n, max(block, (STEPS_PER_PIECE // horizon // block) * block))
-    chunk = min(n, max(piece, (default_chunk_size(horizon) // piece) * piece))
+    cuda = device is not None and device.type == "cuda"
+    steps = CUDA_STEPS_PER_PIECE if cuda else STEPS_PER_PIECE
+    piece = min(n, max(block, (steps // horizon // block) * block))
+    chunk = min(n, max(piece, (default_chunk_size(horizon, device) // piece) * piece))
     return chunk, piece
 
 
 def measure(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, n: int, batch_size: int,
             seed: int = 0, device: str | torch.device = "auto",
             progress: Callable[[int], None] | None = None, threads: int | None = None,
-            exact: dict[str, ExactRow] | None = None, shared_start: bool = False) -> Measurement:
+            exact: dict[str, ExactRow] | None = None, shared_start: bool = False,
+            fused: bool = True, stream: str = "device") -> Measurement:
     """Compute the exact moments of every estimator (unless given in ``exact``), then sample n
     trajectories once and evaluate every estimator on them.
 
@@ -82,7 +90,10 @@ def measure(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, n: int, ba
     one of ``threads`` threads (default on CPU: torch.get_num_threads(); on CUDA: 1); the chunks'
     sums are added in chunk order, so every number is the same for any thread count.
     ``shared_start``: the B trajectories of each batch start from one start state, drawn once per
-    batch (a group of responses to one prompt); chunks hold whole batches."""
+    batch (a group of responses to one prompt); chunks hold whole batches. ``fused``: on the CPU
+    with a tabular policy, fold the sums with the compiled kernels of suite.core.fused (False:
+    contraction and Moments.add for every estimator, the torch reference they agree with).
+    ``stream``: where the sampler's uniforms are drawn (suite.core.sampler.ChunkSampler)."""
     check_sizes(n, batch_size, estimators)
     if threads is not None and threads < 1:
         raise InputError(f"threads must be >= 1, got {threads}")
@@ -93,11 +104,15 @@ def measure(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, n: int, ba
     if exact is None:
         exact = exact_rows(mdp, policy, sol, estimators, batch_size, tuple(factors),
                            shared_start=shared_start)
-    chunk, piece = _chunk_sizes(n, sol.horizon, max(factors) * batch_size)
+    chunk, piece = chunk_sizes(n, sol.horizon, max(factors) * batch_size, dev)
+    fuse = fused and dev.type == "cpu" and policy.tabular
+    if fuse:  # the kernels carry blocks across pieces: any whole number of batches will do
+        piece = min(chunk, max(batch_size, FUSED_STEPS_PER_PIECE // sol.horizon // batch_size
+                               * batch_size))
     sampler = ChunkSampler(mdp, sol.pi, sol.horizon, n, seed, dev, chunk,
-                           batch_size if shared_start else 1)
+                           batch_size if shared_start else 1, stream)
     run = _Run(sampler, Contraction(policy, dev), sol.to(dev), list(estimators), piece,
-               Moments(policy.n_params, batch_size, M, factors, dev), mdp)
+               Moments(policy.n_params, batch_size, M, factors, dev), mdp, fuse)
     totals = {e.name: run.template.empty_like() for e in estimators}
     steps = 0
     n_threads = max(1, min(threads or _default_threads(dev), len(sampler)))
@@ -154,13 +169,20 @@ class _Run:
     piece: int  # trajectories handled by the estimators at once
     template: Moments  # empty sums of the right shape (batch size, batches, block factors)
     mdp: MDP  # for estimators that roll out more than the batch (remax's greedy baseline)
+    fuse: bool  # fold the sums with suite.core.fused (CPU, tabular policy)
 
     def chunk(self, c: int) -> tuple[dict[str, Moments], int]:
-        """Sums of chunk c for every estimator, and its number of steps."""
+        """Sums of chunk c for every estimator, and its number of steps.
+
+        With ``fuse``, the compiled kernels fold every estimator's sums (the weightings of all
+        of them in one pass per piece); otherwise the contraction and Moments.add do, on pieces
+        that hold whole blocks."""
         batch_all = self.sampler.chunk(c)
         first, steps = self.sampler.first(c), 0
         partial = {e.name: self.template.empty_like() for e in self.estimators}
         B = self.template.batch_size
+        fused = (FusedMoments(self.template, self.contraction.pi, self.exact.grad)
+                 if self.fuse else None)
         # each estimator's own randomness: a generator per (seed, chunk, estimator name), so its
         # draws do not depend on which other estimators run, nor on their order
         gens = {e.name: _generator(self.sampler.device, self.sampler.seed, c, e.name)
@@ -169,12 +191,25 @@ class _Run:
             batch = batch_all.rows(start, start + self.piece)
             ctx = Context(batch, self.exact.gamma, self.exact, self.contraction.for_batch(batch), B,
                           mdp=self.mdp)
-            index = ChunkIndex.build(first, batch.n, B, self.template.n_batches, self.sampler.device)
+            index, weights = None, []
             for est in self.estimators:
-                grads = est.gradients(ctx, generator=gens[est.name])
+                out = est.output(ctx, generator=gens[est.name])
+                if fused is not None:
+                    if isinstance(out, Grads):
+                        fused.add_grads(est.name, out, first)
+                    else:
+                        weights.append((est.name, out))
+                    continue
+                index = index or ChunkIndex.build(first, batch.n, B, self.template.n_batches,
+                                                  self.sampler.device)
+                grads = out if isinstance(out, Grads) else ctx.score(out)
                 partial[est.name].add(grads, first, self.exact.grad, index)
+            if weights:
+                fused.add_weights(weights, batch, first)
             first += batch.n
             steps += int(batch.lengths.sum())
+        if fused is not None:
+            partial.update(fused.finish(self.sampler.first(c), batch_all.n))
         return partial, steps
 
 
