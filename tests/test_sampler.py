@@ -10,7 +10,14 @@ from suite.core.envs import TOY_TEXT_IDS, make_mdp
 from suite.core.exact import solve
 from suite.core.mdp import MDP
 from suite.core.policies import random_policy
-from suite.core.sampler import alias_tables, sample, sample_chunks
+from suite.core.sampler import (
+    _sample_chunk_compiled,
+    _sample_chunk_torch,
+    _Tables,
+    alias_tables,
+    sample,
+    sample_chunks,
+)
 
 from .conftest import tiny_mdp
 
@@ -138,3 +145,19 @@ def test_cuda_sampler_matches_exact_return():
     assert batch.states.device.type == "cuda"
     G = batch.returns(0.99).cpu()
     assert abs(G.mean().item() - sol.J) < 5 * G.std().item() / len(G) ** 0.5
+
+
+@pytest.mark.parametrize("env,horizon,group", [("FrozenLake-v1", 37, 1), ("CliffWalking-v1", 5, 1),
+                                               ("Taxi-v4", 100, 4), ("tiny", 12, 3)])
+def test_compiled_walk_draws_what_the_torch_loop_draws(env, horizon, group):
+    """The CPU's compiled walk and the vectorised loop (CUDA's path) read the same uniforms
+    and give the same Batch to the last bit, padding included."""
+    mdp = tiny_mdp(seed=2, S=4, A=3) if env == "tiny" else make_mdp(env)
+    pi = random_policy(mdp.n_states, mdp.n_actions, seed=1).probs().detach()
+    tab = _Tables(mdp, pi, torch.device("cpu"))
+    for seed in range(3):
+        a = _sample_chunk_compiled(tab, horizon, 600, torch.Generator().manual_seed(seed), group)
+        b = _sample_chunk_torch(tab, horizon, 600, torch.Generator().manual_seed(seed),
+                                torch.device("cpu"), group)
+        for field in ("states", "actions", "rewards", "mask", "lengths"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), (env, seed, field)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import torch
 from torch import Tensor
@@ -152,6 +153,63 @@ def _check(mdp: MDP, pi: Tensor, horizon: int, n: int) -> None:
 
 def _sample_chunk(tab: _Tables, horizon: int, n: int, gen: torch.Generator,
                   device: torch.device, group_size: int = 1) -> Batch:
+    """On the CPU one compiled walk per trajectory; elsewhere the vectorised torch loop. Both
+    read the same uniforms (the start states', then one per trajectory and step) and return the
+    same Batch to the last bit (tests/test_sampler.py)."""
+    if device.type == "cpu":
+        return _sample_chunk_compiled(tab, horizon, n, gen, group_size)
+    return _sample_chunk_torch(tab, horizon, n, gen, device, group_size)
+
+
+def _padded_length(longest: int, horizon: int) -> int:
+    """T: the torch loop stops at the first multiple of 8 at which every trajectory has ended."""
+    return min(horizon, max(8, -(-longest // 8) * 8))
+
+
+def _sample_chunk_compiled(tab: _Tables, horizon: int, n: int, gen: torch.Generator,
+                           group_size: int = 1) -> Batch:
+    u0 = torch.rand(n // group_size, generator=gen, dtype=torch.float64, device=gen.device)
+    u = torch.rand(horizon * n, generator=gen, dtype=torch.float64, device=gen.device)
+    states = torch.zeros(n, horizon, dtype=torch.int64)
+    actions = torch.zeros(n, horizon, dtype=torch.int64)
+    rewards = torch.zeros(n, horizon, dtype=torch.float64)
+    lengths = torch.zeros(n, dtype=torch.int64)
+    _walk(u0.cpu().numpy(), u.cpu().numpy().reshape(horizon, n), group_size, tab.M, tab.K, tab.A,
+          tab.sink, tab.keep.numpy(), tab.alias.numpy(), tab.next_state.numpy(),
+          tab.reward.numpy(), tab.rho_keep.numpy(), tab.rho_alias.numpy(), states.numpy(),
+          actions.numpy(), rewards.numpy(), lengths.numpy())
+    T = _padded_length(int(lengths.max()), horizon)
+    states, actions, rewards = (x[:, :T].contiguous() for x in (states, actions, rewards))
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    return Batch(states, actions, rewards, mask, lengths, int(horizon))
+
+
+@numba.njit(nogil=True, cache=True)
+def _walk(u0, u, group_size, M, K, A, sink, keep, alias, next_state, reward, rho_keep, rho_alias,
+          states, actions, rewards, lengths):  # pragma: no cover - compiled
+    """Each trajectory until it enters the sink (or the horizon): the alias draw of _Tables.draw
+    with uniform u[t, i] at step t, the start state's with u0[i // group_size]."""
+    H, n = u.shape
+    for i in range(n):
+        x = u0[i // group_size] * sink
+        col = np.int64(x)
+        s = col if x - col < rho_keep[col] else rho_alias[col]
+        t = 0
+        while t < H and s != sink:
+            x = u[t, i] * M
+            col = np.int64(x)
+            idx = s * M + col
+            o = idx if x - col < keep[idx] else alias[idx]
+            states[i, t] = s
+            actions[i, t] = (o // K) % A
+            rewards[i, t] = reward[o]
+            s = next_state[o]
+            t += 1
+        lengths[i] = t
+
+
+def _sample_chunk_torch(tab: _Tables, horizon: int, n: int, gen: torch.Generator,
+                        device: torch.device, group_size: int = 1) -> Batch:
     def uniform(k: int = n) -> Tensor:  # from gen's stream, wherever it lives
         return torch.rand(k, generator=gen, dtype=torch.float64, device=gen.device).to(device)
 
