@@ -26,11 +26,18 @@ class Context:
     batch_size: int  # B: trajectories i and j share a batch iff i // B == j // B
     generator: torch.Generator | None = None  # the estimators' own randomness
     mdp: MDP | None = None  # the model, for estimators that roll out more (remax's greedy baseline)
+    problem_cache: dict | None = None  # shared by every batch of one measurement (see ``shared``)
 
     @cached_property
     def cache(self) -> dict:
         """Scratch space for quantities several estimators share on this batch."""
         return {}
+
+    @property
+    def shared(self) -> dict:
+        """Scratch space for quantities of the problem alone (MDP, policy, gamma, horizon), kept
+        from batch to batch when the measurement passes ``problem_cache``; else this batch's."""
+        return self.problem_cache if self.problem_cache is not None else self.cache
 
     @property
     def device(self) -> torch.device:

@@ -236,11 +236,11 @@ def remax(ctx: Context) -> Tensor:
     token MDP), its expectation over the transitions elsewhere."""
     if ctx.mdp is None:
         raise ValueError("remax needs the MDP for its greedy rollout: build the Context with mdp=")
-    key = "greedy_return"
-    if key not in ctx.cache:
-        ctx.cache[key] = greedy_return(ctx.mdp, ctx.exact.pi.cpu(), ctx.gamma, ctx.batch.horizon) \
+    key = ("greedy_return", ctx.batch.horizon)
+    if key not in ctx.shared:  # one dynamic programme per problem, not per batch
+        ctx.shared[key] = greedy_return(ctx.mdp, ctx.exact.pi.cpu(), ctx.gamma, ctx.batch.horizon) \
             .to(ctx.device)
-    return (ctx.reward_to_go[:, 0] - ctx.cache[key][ctx.batch.states[:, 0]])[:, None]
+    return (ctx.reward_to_go[:, 0] - ctx.shared[key][ctx.batch.states[:, 0]])[:, None]
 
 
 @advantage("ppo_advantage_normalization", agg="token-mean",

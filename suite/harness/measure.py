@@ -112,7 +112,7 @@ def measure(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, n: int, ba
     sampler = ChunkSampler(mdp, sol.pi, sol.horizon, n, seed, dev, chunk,
                            batch_size if shared_start else 1, stream)
     run = _Run(sampler, Contraction(policy, dev), sol.to(dev), list(estimators), piece,
-               Moments(policy.n_params, batch_size, M, factors, dev), mdp, fuse)
+               Moments(policy.n_params, batch_size, M, factors, dev), mdp, fuse, {})
     totals = {e.name: run.template.empty_like() for e in estimators}
     steps = 0
     n_threads = max(1, min(threads or _default_threads(dev), len(sampler)))
@@ -170,6 +170,7 @@ class _Run:
     template: Moments  # empty sums of the right shape (batch size, batches, block factors)
     mdp: MDP  # for estimators that roll out more than the batch (remax's greedy baseline)
     fuse: bool  # fold the sums with suite.core.fused (CPU, tabular policy)
+    problem_cache: dict  # estimators' quantities of the problem alone, shared by every piece
 
     def chunk(self, c: int) -> tuple[dict[str, Moments], int]:
         """Sums of chunk c for every estimator, and its number of steps.
@@ -190,7 +191,7 @@ class _Run:
         for start in range(0, batch_all.n, self.piece):
             batch = batch_all.rows(start, start + self.piece)
             ctx = Context(batch, self.exact.gamma, self.exact, self.contraction.for_batch(batch), B,
-                          mdp=self.mdp)
+                          mdp=self.mdp, problem_cache=self.problem_cache)
             index, weights = None, []
             for est in self.estimators:
                 out = est.output(ctx, generator=gens[est.name])
