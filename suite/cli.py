@@ -9,6 +9,7 @@ import argparse
 import math
 import sys
 import time
+from typing import NoReturn
 
 import numpy as np
 from tqdm import tqdm
@@ -32,7 +33,7 @@ __all__ = ["main"]
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit code 2
+    def error(self, message: str) -> NoReturn:  # one line, exit code 2
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
@@ -253,7 +254,7 @@ def cmd_moments(args) -> int:
             "shared_start": args.shared_start,
             "estimators": {n: r.to_json() for n, r in rows.items()}})
         files["moments_means.npz"] = npz_bytes({n: r.moments.mean.numpy().reshape(shape)
-                                                for n, r in rows.items() if r.exact})
+                                                for n, r in rows.items() if r.moments is not None})
         for path in write_files(args.out, files):
             print(f"wrote {path}")
     return 0

@@ -32,9 +32,10 @@ class ExactRow:
     name: str
     moments: ExactMoments | None  # None: no exact moments (reason says why)
     reason: str = ""
-    metrics: dict = field(default_factory=dict)  # relative_metrics, plus rel_mse at B
+    metrics: dict[str, float] = field(default_factory=dict)  # relative_metrics, rel_mse at B
     direction: Tensor | None = None  # [P] unit vector the agreement z-score is taken along
     direction_batch_variance: float = math.nan  # Var(direction . g_B), exact
+    rel_mse_at: dict[int, float] = field(default_factory=dict)  # batch size k B -> rel. MSE
 
     @property
     def exact(self) -> bool:
@@ -44,17 +45,13 @@ class ExactRow:
         """The ``exact`` block of stats.json / an entry of moments.json."""
         if self.moments is None:
             return {"exact": False, "reason": self.reason}
-        m = {k: v for k, v in self.metrics.items() if k != "rel_mse_at"}
-        m["rel_mse_at_batch_size"] = {str(b): v for b, v in self.metrics["rel_mse_at"].items()}
-        return {"exact": True, **{k: _finite_or_none(v) for k, v in m.items()}}
+        return {"exact": True, **{k: _finite_or_none(v) for k, v in self.metrics.items()},
+                "rel_mse_at_batch_size": {str(b): _finite_or_none(v)
+                                          for b, v in self.rel_mse_at.items()}}
 
 
-def _finite_or_none(v):
-    if isinstance(v, dict):
-        return {k: _finite_or_none(x) for k, x in v.items()}
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    return v
+def _finite_or_none(v: float) -> float | None:
+    return None if isinstance(v, float) and math.isnan(v) else v
 
 
 MAX_SHARED_STARTS = 16  # a shared start needs one exact run per start state
@@ -83,16 +80,21 @@ def exact_rows(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, batch_s
         if isinstance(mom, str):
             rows[est.name] = ExactRow(est.name, None, mom)
             continue
-        metrics = relative_metrics(mom, g, ref_var, tuple(factors))
-        metrics["rel_mse_at"] = metrics.pop("rel_mse")
-        metrics["rel_mse"] = metrics["rel_mse_at"][batch_size]
+        metrics: dict[str, float] = {}
+        rel_mse_at: dict[int, float] = {}
+        for key, value in relative_metrics(mom, g, ref_var, tuple(factors)).items():
+            if isinstance(value, dict):  # rel_mse, by batch size
+                rel_mse_at = value
+            else:
+                metrics[key] = value
+        metrics["rel_mse"] = rel_mse_at[batch_size]
         u = _direction(mom.batch_mean, g) if directions else None
         var_u = math.nan
         if u is not None:
             along = _Source(MomentModel(mdp, policy, sol, project(source.model.score, u[:, None])),
                             shared_start, groups=False).moments(est, batch_size)
             var_u, u = (math.nan, None) if isinstance(along, str) else (along.batch_variance, u)
-        rows[est.name] = ExactRow(est.name, mom, "", metrics, u, var_u)
+        rows[est.name] = ExactRow(est.name, mom, "", metrics, u, var_u, rel_mse_at)
     return rows
 
 
@@ -128,9 +130,10 @@ class _Source:
             given = self.model.for_start(s)
             parts.append((float(self.model.rho0[s]),
                           exact_moments(given, est.exact_form(given), batch_size)))
-        return ExactMoments(sum(w * m.mean for w, m in parts),
+        zero = torch.zeros((), dtype=torch.float64)  # sum's start, typed: 0.0 + x = 0 + x
+        return ExactMoments(sum((w * m.mean for w, m in parts), zero),
                             sum(w * m.second_moment for w, m in parts), int(batch_size),
-                            sum(w * m.batch_mean for w, m in parts),
+                            sum((w * m.batch_mean for w, m in parts), zero),
                             sum(w * m.batch_second_moment for w, m in parts))
 
     def outcomes(self) -> Outcomes | str:

@@ -24,7 +24,7 @@ from .exact_table import exact_rows
 from .measure import MIN_BATCHES, Measurement, check_sizes, measure, statistics
 from .plan import chosen_estimators
 from .problem import make_problem
-from .study_spec import Objective, Range, StudySpec, fill
+from .study_spec import Direction, Objective, Range, StudySpec, fill
 from .tracking import Tracker, flatten_stats
 
 __all__ = ["TRIAL_WORK", "check_condition_sizes", "condition_label", "directions", "exact_only",
@@ -45,7 +45,7 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     }[spec.sampler]()
 
 
-def directions(spec: StudySpec) -> list[str]:
+def directions(spec: StudySpec) -> list[Direction]:
     # a grid study's value: how many estimators' verdicts contradict their claims
     return [o.direction for o in spec.objectives] or ["minimize"]
 
@@ -60,9 +60,9 @@ def trial_params(trial: optuna.Trial, spec: StudySpec, fixed: bool = False) -> d
     params = {}
     for key, space in spec.space.items():
         if isinstance(space, Range):
-            suggest = trial.suggest_int if space.int else trial.suggest_float
-            low, high = (int(space.low), int(space.high)) if space.int else (space.low, space.high)
-            params[key] = suggest(key, low, high, log=space.log)
+            params[key] = (trial.suggest_int(key, int(space.low), int(space.high), log=space.log)
+                           if space.int else
+                           trial.suggest_float(key, space.low, space.high, log=space.log))
         else:
             params[key] = trial.suggest_categorical(key, space)
     return params
