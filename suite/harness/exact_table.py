@@ -22,7 +22,7 @@ from ..core.mdp import MDP
 from ..core.moments import ExactMoments, MomentModel, NoExact, exact_moments, project, relative_metrics
 from ..core.policies import Policy
 
-__all__ = ["ExactRow", "agreement", "exact_rows"]
+__all__ = ["Agreement", "ExactRow", "agreement", "exact_rows"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,11 @@ class ExactRow:
     @property
     def exact(self) -> bool:
         return self.moments is not None
+
+    def get(self, metric: str) -> float | None:
+        """A metric as the ``exact`` block holds it: None when there are no exact moments, or
+        when it is undefined (NaN)."""
+        return None if self.moments is None else _finite_or_none(self.metrics[metric])
 
     def to_json(self) -> dict:
         """The ``exact`` block of stats.json / an entry of moments.json."""
@@ -158,13 +163,28 @@ def _direction(mean: Tensor, g: Tensor) -> Tensor | None:
     return v / v.norm()
 
 
+@dataclass(frozen=True)
+class Agreement:
+    """A sampled measurement against the exact moments (the ``agreement`` block of stats.json)."""
+
+    z: float  # the sampled mean's distance from the exact one along a direction, in std. errors
+    p_value: float  # two-sided normal p-value of z
+    variance_ratio: float  # sampled / exact variance
+    variance_ratio_ci: list[float]
+
+    def to_json(self) -> dict[str, object]:
+        return {"z": self.z, "p_value": self.p_value, "variance_ratio": self.variance_ratio,
+                "variance_ratio_ci": self.variance_ratio_ci}
+
+
 def agreement(row: ExactRow, sampled_mean: np.ndarray, n_batches: int,
-              sampled_variance: float, sampled_variance_ci: list[float]) -> dict:
+              sampled_variance: float, sampled_variance_ci: list[float]) -> Agreement | None:
     """The sampled statistics against the exact ones: z of the sampled mean along the row's
     direction (Var from the exact batch variance along it, over n_batches batches) with its
-    two-sided normal p-value, and the ratio of sampled to exact variance with its interval."""
+    two-sided normal p-value, and the ratio of sampled to exact variance with its interval.
+    None without exact moments or a direction."""
     if row.moments is None or row.direction is None:
-        return {}
+        return None
     diff = torch.as_tensor(sampled_mean, dtype=torch.float64) - row.moments.batch_mean
     se = math.sqrt(row.direction_batch_variance / n_batches) if row.direction_batch_variance > 0 \
         else 0.0
@@ -173,5 +193,4 @@ def agreement(row: ExactRow, sampled_mean: np.ndarray, n_batches: int,
     exact_var = row.moments.variance
     ratio = sampled_variance / exact_var if exact_var > 0 else math.nan
     ratio_ci = [x / exact_var for x in sampled_variance_ci] if exact_var > 0 else [math.nan] * 2
-    return {"z": z, "p_value": float(2 * st.norm.sf(abs(z))), "variance_ratio": ratio,
-            "variance_ratio_ci": ratio_ci}
+    return Agreement(z, float(2 * st.norm.sf(abs(z))), ratio, ratio_ci)
