@@ -1,9 +1,10 @@
 """Sessions: tests, lint, bench, study, report, ui. Every install goes through constraints.txt.
 
-study, tests, report, ui and bench share one virtual environment, .nox/suite, so torch is installed
-once: the first session creates it, and a session installs again only what it lacks (the test
-extras) or when constraints.txt or pyproject.toml changed. lint needs ruff alone and keeps its own
-small environment. Delete .nox/suite to rebuild it from scratch.
+Every session shares one virtual environment, .nox/suite, so torch is installed once: the first
+session creates it, and a session installs again only what it lacks (the test or lint extras) or
+when constraints.txt or pyproject.toml changed. lint runs there too: mypy reads the types of the
+packages the project imports (torch, numpy, optuna, ...) from where they are installed. Delete
+.nox/suite to rebuild it from scratch.
 """
 
 from __future__ import annotations
@@ -73,11 +74,14 @@ def tests(session: nox.Session) -> None:
     session.run(str(python), "-m", "pytest", *(session.posargs or ["-q"]))
 
 
-@nox.session(python=PYTHON)
+@nox.session(venv_backend="none")
 def lint(session: nox.Session) -> None:
-    """ruff over the packages, tests and noxfile (its own small environment: ruff only)."""
-    session.install(*CONSTRAINTS, "ruff")
-    session.run("ruff", "check", "suite", "estimators", "reports", "tests", "noxfile.py", "examples")
+    """ruff over the packages, tests, noxfile and examples; mypy over the packages ([tool.mypy] in
+    pyproject.toml), in the shared environment, where the project's dependencies are installed."""
+    python = shared_env(session, "lint")
+    session.run(str(python), "-m", "ruff", "check", "suite", "estimators", "reports", "tests",
+                "noxfile.py", "examples")
+    session.run(str(python), "-m", "mypy")
 
 
 @nox.session(venv_backend="none")

@@ -139,7 +139,8 @@ def register(name: str, *, formula: str, reference: str, unbiased: bool | Callab
         if params:
             def bound(ctx, _fn=fn, _p=params):
                 return _fn(ctx, **_p)
-            bound.__doc__, bound.__wrapped__ = fn.__doc__, fn  # its docs are the function's
+            bound.__doc__ = fn.__doc__  # its docs are the function's
+            bound.__wrapped__ = fn  # type: ignore[attr-defined]  # functions take any attribute
         REGISTRY[name] = Estimator(name, bound, formula, reference, predicate, condition,
                                    needs_batch, dict(params), exact, no_exact)
         return fn

@@ -217,10 +217,10 @@ def assemble(data: StudyData, figures: bool = True) -> Report:
                   blocks, data.uri, as_of)
 
 
-def _calibration_summary(cal: pd.DataFrame) -> list[dict]:
+def _calibration_summary(cal: pd.DataFrame) -> list[dict[str, str | int]]:
     """Per setting: false-positive rate over the claimed-unbiased estimators, power over the
     claimed-biased ones (pooled counts)."""
-    out = []
+    out: list[dict[str, str | int]] = []
     if cal.empty:
         return out
     for (env, setting), g in cal.groupby(["env", "setting"], sort=False):

@@ -17,6 +17,7 @@ Inline markup in text: $math$, `code`, **bold** (``reports.text.markup``).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 __all__ = ["Block", "Box", "Bullets", "FigureBlock", "Formula", "Heading", "Para", "Pre", "Table",
@@ -60,7 +61,7 @@ class Table:
     head: list[str]
     rows: list
     kinds: str = ""
-    widths: list[float] = field(default_factory=list)  # relative column widths (PDF)
+    widths: Sequence[float] = field(default_factory=list)  # relative column widths (PDF)
     red: set[int] = field(default_factory=set)  # indices into rows: highlighted
     collapsible: str = ""  # HTML: a collapsed <details> with this summary ("": always open)
     small: bool = False  # PDF: the smaller cell font (wide tables)

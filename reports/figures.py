@@ -16,8 +16,14 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import matplotlib
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.transforms import Bbox
+    from matplotlib.typing import RcKeyType
 
 matplotlib.use("Agg")
 
@@ -41,9 +47,10 @@ WIDTH = 7.2  # inches: the text width of an A4 page with 15 mm margins
 DPI = 150
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*", "p"]
 STYLES = ["-", "--", ":", "-."]
-RC = {"font.size": 8, "axes.titlesize": 8.5, "axes.labelsize": 8, "xtick.labelsize": 7,
-      "ytick.labelsize": 7, "legend.fontsize": 6.8, "legend.title_fontsize": 7.2,
-      "figure.dpi": DPI, "savefig.dpi": DPI, "svg.hashsalt": "report", "axes.titleweight": "bold"}
+RC: dict[RcKeyType, object] = {
+    "font.size": 8, "axes.titlesize": 8.5, "axes.labelsize": 8, "xtick.labelsize": 7,
+    "ytick.labelsize": 7, "legend.fontsize": 6.8, "legend.title_fontsize": 7.2,
+    "figure.dpi": DPI, "savefig.dpi": DPI, "svg.hashsalt": "report", "axes.titleweight": "bold"}
 # tab20 with its dark shades first: neighbours in a family get different hues
 PALETTE = [sns.color_palette("tab20", 20)[i] for i in (*range(0, 20, 2), *range(1, 20, 2))]
 
@@ -182,7 +189,8 @@ def _family_labels(ax, spans: list) -> None:
                 ha="left", va="center", fontsize=7, color="0.3")
 
 
-def _family_grid(nrow: int, ncol: int, row_height: float, sharex: bool | str = "col"):
+def _family_grid(nrow: int, ncol: int, row_height: float,
+                 sharex: bool | Literal["none", "all", "row", "col"] = "col"):
     """Panels in fixed margins (constrained layout costs seconds per figure on 15 panels); the
     legends to the right of the last column are kept by savefig's tight bounding box."""
     return plt.subplots(nrow, ncol, figsize=(WIDTH * 0.84, 0.45 + row_height * nrow), squeeze=False,
@@ -662,7 +670,7 @@ def _place_labels(ax, xy, texts: list[str], all_points) -> None:
     frame = ax.get_window_extent(renderer)
     pad = 3 * ax.figure.dpi / 72.0
     dots = [ax.transData.transform(p) for p in all_points]
-    taken = []
+    taken: list[Bbox] = []
     for (x, y), text in zip(xy, texts, strict=True):
         best = None
         for dx, dy in _OFFSETS:
@@ -686,6 +694,7 @@ def _place_labels(ax, xy, texts: list[str], all_points) -> None:
                 ann.remove()
             if cost == 0:
                 break
+        assert best is not None  # _OFFSETS is not empty
         taken.append(best[2])
 
 
@@ -733,19 +742,19 @@ def gae_figure(judged: pd.DataFrame, data: StudyData) -> Figure:
     pts["sq_bias"] = pts["sq_bias"].clip(lower=0.0)
     positive = pts.loc[pts["sq_bias"] > 1e-12, "sq_bias"]
     lin = float(10 ** math.floor(math.log10(positive.min()))) if len(positive) else 1e-4
-    envs = sorted(pts["env"].unique())
+    envs: list[str] = sorted(pts["env"].unique())
     cols = min(3, len(envs))
     nrow = math.ceil(len(envs) / cols)
-    fig, axes = plt.subplots(nrow, cols, figsize=(WIDTH if len(envs) > 1 else WIDTH * 0.75,
+    fig, grid = plt.subplots(nrow, cols, figsize=(WIDTH if len(envs) > 1 else WIDTH * 0.75,
                                                   (3.0 if len(envs) > 1 else 3.6) * nrow + 0.4),
                              squeeze=False, layout="constrained")
-    for ax in axes.flat[len(envs):]:
+    for ax in grid.flat[len(envs):]:
         ax.set_visible(False)
-    axes = list(axes.flat[:len(envs)])
+    axes = list(grid.flat[:len(envs)])
     norm = Normalize(0.0, 1.0)
     fam_marker = {f: MARKERS[i % len(MARKERS)] for i, f in enumerate(families)}
     labels = []
-    panel_env = dict(zip(axes, envs, strict=True))
+    panel_env: dict[Axes, str] = dict(zip(axes, envs, strict=True))
     for ax, env in panel_env.items():
         sub = pts[pts["env"] == env]
         for fam in families:
@@ -875,7 +884,7 @@ def _open_optuna(name: str, storage: str | None):
     url = storage.replace(":***@", "@")
     try:
         store = parse_store_url(url, "Optuna storage", OPTUNA_SCHEMES)
-        if store.kind == "sqlite" and not store.path.is_file():
+        if store.kind == "sqlite" and not store.file.is_file():
             return None, f"the Optuna storage {shown} cannot be opened (no such file)."
         check_reachable(store)
         optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -174,7 +174,7 @@ def _check_store(uri: str) -> None:
     """Refuse a SQLite store that does not exist (MLflow would create an empty one), and fail in
     one line within seconds when a server does not answer (the password masked)."""
     store = parse_store_url(uri, "MLflow tracking URI", TRACKING_SCHEMES)
-    if store.kind == "sqlite" and not store.path.is_file():
+    if store.kind == "sqlite" and not store.file.is_file():
         raise InputError(f"no MLflow store at {uri} (file {store.path} does not exist); set "
                          "MLFLOW_TRACKING_URI to the store the study logged to")
     check_reachable(store)

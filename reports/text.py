@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
+from functools import partial
+from typing import Literal
 from xml.sax.saxutils import escape
 
 import pandas as pd
@@ -29,7 +32,7 @@ def fmt(x: float | None, digits: int = 3) -> str:
     return f"{mantissa}e{int(exp)}"
 
 
-def cosine(c: float) -> str:
+def cosine(c: float | None) -> str:
     """A cosine with the digits that tell it from 1: 0.998, 0.99997, 1 (within 1e-6)."""
     if c is None or pd.isna(c):
         return "–"
@@ -47,17 +50,21 @@ def ci(point: float, lo: float, hi: float, digits: int = 3) -> str:
     return f"{fmt(point, digits)} [{fmt(lo, digits)}, {fmt(hi, digits)}]"
 
 
-def span(values, digits: int | str = 3) -> str:
+def span(values, digits: int | Literal["cos"] = 3) -> str:
     """One value, or 'median (min–max)' of several (missing values ignored); digits "cos":
     formatted as cosines."""
     v = pd.Series(values, dtype=float).dropna()
     if v.empty:
         return "–"
-    show = cosine if digits == "cos" else (lambda x: fmt(x, digits))
+    show: Callable[[float], str]
+    small: Callable[[float], str]
+    if digits == "cos":
+        show = small = cosine
+    else:
+        show, small = partial(fmt, digits=digits), partial(fmt, digits=2)
     lo, hi = show(v.min()), show(v.max())
     if lo == hi:
         return show(v.median())
-    small = cosine if digits == "cos" else (lambda x: fmt(x, 2))
     if small(v.min()) == small(v.max()):  # the short form would hide the range
         small = show
     return f"{show(v.median())} ({small(v.min())}–{small(v.max())})"

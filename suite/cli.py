@@ -9,6 +9,7 @@ import argparse
 import math
 import sys
 import time
+from typing import NoReturn
 
 import numpy as np
 from tqdm import tqdm
@@ -19,9 +20,11 @@ from reports.cli import add_report_parser
 from .core.envs import available_envs
 from .core.errors import InputError
 from .core.io import check_out_dir, json_bytes, npy_bytes, npz_bytes, write_files
-from .core.metrics import METRICS, markdown_table, verdict
+from .core.metrics import METRICS, markdown_table
 from .core.sampler import resolve_device
+from .core.stats import Summary
 from .harness.estimator_files import load_estimator_files
+from .harness.estimator_stats import EstimatorStats
 from .harness.exact_table import exact_rows
 from .harness.measure import check_sizes, measure
 from .harness.problem import make_problem
@@ -32,7 +35,7 @@ __all__ = ["main"]
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit code 2
+    def error(self, message: str) -> NoReturn:  # one line, exit code 2
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
@@ -130,31 +133,36 @@ def _rel(x) -> str:
     return "-" if x is None else ("0" if abs(x) < 1e-12 else format(x, ".3g"))
 
 
-def stats_table(stats: dict[str, dict], batch_size: int) -> str:
+def stats_table(stats: dict[str, EstimatorStats], batch_size: int) -> str:
     """The readable table `measure` prints: exact figures where they exist, sampled beside."""
     head = ["estimator", "claim", "verdict", "rel. bias exact", "scale sampled [95% CI]",
             "p-value", "variance exact", "sampled/exact [95% CI]", "z", "var/reinforce",
             f"cos@B={batch_size}"]
     rows = []
-    for name, row in stats.items():
-        at_b = row["at_batch_size"].get(batch_size, {})
-        ratio = row.get("variance_ratio")
-        ex, agree = row.get("exact", {}), row.get("agreement", {})
-        has = ex.get("exact", False)
-        found, source = verdict(ex.get("rel_bias") if has else None, row["rejects_unbiased"])
+    for name, est in stats.items():
+        row, ex, agree = _sampled(name, est), est.exact, est.agreement
+        at_b = row.at_batch_size.get(batch_size)
+        found, source = est.verdict()
         rows.append([
-            name, "unbiased" if row["claims_unbiased"] else "biased", f"{found} ({source})",
-            _rel(ex.get("rel_bias")) if has else "n/a",
-            _fmt_ci(row["scale"], row["scale_ci"]),
-            (f"{row['p_value']:.4f}" + (" *" if row["rejects_unbiased"] else "")
-             if row["p_value"] is not None else _needed(row.get("trajectories_needed"))),
-            _num(ex.get("variance")) if has else "n/a",
-            _fmt_ci(agree["variance_ratio"], agree["variance_ratio_ci"]) if agree else "-",
-            f"{agree['z']:+.2f}" if agree else "-",
-            "-" if ratio is None else _fmt_ci(ratio, row["variance_ratio_ci"]),
-            _fmt(at_b["cosine"], ".3f") if at_b else "-",
+            name, "unbiased" if est.claims_unbiased else "biased", f"{found} ({source})",
+            _rel(ex.get("rel_bias")) if ex.exact else "n/a",
+            _fmt_ci(row.scale, row.scale_ci),
+            (f"{row.p_value:.4f}" + (" *" if row.rejects_unbiased else "")
+             if row.p_value is not None else _needed(row.trajectories_needed)),
+            _num(ex.get("variance")) if ex.exact else "n/a",
+            _fmt_ci(agree.variance_ratio, agree.variance_ratio_ci) if agree else "-",
+            f"{agree.z:+.2f}" if agree else "-",
+            ("-" if row.variance_ratio is None or row.variance_ratio_ci is None
+             else _fmt_ci(row.variance_ratio, row.variance_ratio_ci)),
+            _fmt(at_b.cosine, ".3f") if at_b else "-",
         ])
     return _table(head, rows)
+
+
+def _sampled(name: str, stats: EstimatorStats) -> Summary:
+    if stats.sampled is None:
+        raise ValueError(f"{name}: no sampled statistics (no trajectories)")
+    return stats.sampled
 
 
 def moments_table(rows: dict, batch_size: int) -> str:
@@ -197,12 +205,13 @@ def cmd_measure(args) -> int:
           f"{device}, {result.seconds:.1f} s")
     print()
     print(stats_table(result.stats, args.batch_size))
-    first = next(iter(result.stats.values()))
+    name, first_stats = next(iter(result.stats.items()))
+    first = _sampled(name, first_stats)
     print(f"\nverdict: exact where the estimator has exact moments, else the sampled test. "
-          f"* rejects 'mean = grad J' at level {first['alpha']} ({first['test_method']}; '-': "
+          f"* rejects 'mean = grad J' at level {first.alpha} ({first.test_method}; '-': "
           "inconclusive, with the trajectories it would need); scale = the mean's component "
           "along grad J / |grad J| (1 when unbiased), t-interval; other intervals: bootstrap over "
-          f"{first['n_groups']} groups of batches; variance = trace of the per-trajectory "
+          f"{first.n_groups} groups of batches; variance = trace of the per-trajectory "
           "covariance; exact = by recursion, no sampling; z = the sampled mean's distance from "
           "the exact mean along the bias (or gradient) direction, in standard errors.")
     if sol.grad_norm == 0:
@@ -214,7 +223,8 @@ def cmd_measure(args) -> int:
                 "shared_start": args.shared_start}
         shape = (mdp.n_states, mdp.n_actions) if policy.tabular else (policy.n_params,)
         files = exact_files(mdp, policy, sol)
-        files["stats.json"] = json_bytes({"condition": meta, "estimators": result.stats})
+        files["stats.json"] = json_bytes({"condition": meta, "estimators": {
+            n: s.to_json() for n, s in result.stats.items()}})
         files["means.npz"] = npz_bytes({k: v.reshape(shape) for k, v in result.means.items()})
         for path in write_files(args.out, files):
             print(f"wrote {path}")
@@ -253,7 +263,7 @@ def cmd_moments(args) -> int:
             "shared_start": args.shared_start,
             "estimators": {n: r.to_json() for n, r in rows.items()}})
         files["moments_means.npz"] = npz_bytes({n: r.moments.mean.numpy().reshape(shape)
-                                                for n, r in rows.items() if r.exact})
+                                                for n, r in rows.items() if r.moments is not None})
         for path in write_files(args.out, files):
             print(f"wrote {path}")
     return 0

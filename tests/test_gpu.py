@@ -62,7 +62,7 @@ def test_cuda_measure_agrees_with_the_exact_moments():
     mdp, policy, sol = _problem("FrozenLake8x8-v1")
     result = measure(mdp, policy, sol, estimators.resolve("all"), 200_000, 10, seed=0,
                      device="cuda")
-    zs = {name: row["agreement"]["z"] for name, row in result.stats.items()
-          if row["agreement"]}
+    zs = {name: row.agreement.z for name, row in result.stats.items()
+          if row.agreement is not None}
     assert len(zs) >= 15
     assert max(abs(z) for z in zs.values()) < 5, zs

@@ -252,8 +252,8 @@ def test_sampled_group_statistics_agree_with_the_exact_moments():
         z2 = float(((torch.as_tensor(result.means[name]) - gm.mean) ** 2).sum()) \
             / (gm.batch_variance / (N // B))  # about 1 on average; > 4 rarely
         assert z2 < 4, (name, z2)
-        assert result.stats[name]["batch_variance"] == pytest.approx(gm.batch_variance, rel=0.1), \
-            name
+        assert result.stats[name].sampled.batch_variance == pytest.approx(gm.batch_variance,
+                                                                          rel=0.1), name
 
 
 def test_trajectories_are_counted_before_they_are_enumerated():

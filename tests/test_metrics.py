@@ -15,9 +15,9 @@ from suite.harness.problem import make_problem
 @pytest.fixture(scope="module")
 def stats():
     problem = make_problem("FrozenLake-v1", "uniform", 0.9, 20)
-    return measure(problem.mdp, problem.policy, problem.solution,
-                   estimators.resolve("reward_to_go,fitted_value_baseline"), 2000, 10,
-                   device="cpu").stats
+    result = measure(problem.mdp, problem.policy, problem.solution,
+                     estimators.resolve("reward_to_go,fitted_value_baseline"), 2000, 10, device="cpu")
+    return {name: s.to_json() for name, s in result.stats.items()}  # the stats.json rows
 
 
 def _defined(block: str | None) -> set[str]:

@@ -204,13 +204,13 @@ def test_sampling_agrees_with_the_exact_moments(env):
                      20_000, 10, seed=0, device="cpu")
     checked = 0
     for name, row in result.stats.items():
-        agree = row["agreement"]
-        assert bool(agree) == row["exact"]["exact"], name
-        if not agree:
+        agree = row.agreement
+        assert (agree is not None) == row.exact.exact, name
+        if agree is None:
             continue
-        lo, hi = agree["variance_ratio_ci"]
-        assert lo <= 1.0 <= hi, f"{name}: sampled/exact variance {agree['variance_ratio']:.4f}"
-        assert abs(agree["z"]) < 4, f"{name}: z = {agree['z']:.2f}"
+        lo, hi = agree.variance_ratio_ci
+        assert lo <= 1.0 <= hi, f"{name}: sampled/exact variance {agree.variance_ratio:.4f}"
+        assert abs(agree.z) < 4, f"{name}: z = {agree.z:.2f}"
         checked += 1
     assert checked >= 17
 
@@ -228,9 +228,9 @@ def test_agreement_catches_a_wrong_exact_mean():
     result = measure(problem.mdp, problem.policy, problem.solution, chosen, 20_000, 10,
                      device="cpu", exact=rows)
     wrong = agreement(rows["reward_to_go"], result.means["reward_to_go_missing_discount"], 2000,
-                      result.stats["reward_to_go_missing_discount"]["variance"],
-                      result.stats["reward_to_go_missing_discount"]["variance_ci"])
-    assert abs(wrong["z"]) > 10 and wrong["p_value"] < 1e-6
+                      result.stats["reward_to_go_missing_discount"].sampled.variance,
+                      result.stats["reward_to_go_missing_discount"].sampled.variance_ci)
+    assert wrong is not None and abs(wrong.z) > 10 and wrong.p_value < 1e-6
 
 
 @pytest.mark.parametrize("name", NAMES)

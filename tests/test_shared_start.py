@@ -63,13 +63,13 @@ def test_measure_with_a_shared_start_is_reproducible_and_thread_independent(monk
         for name in runs[0].means:
             np.testing.assert_array_equal(other.means[name], runs[0].means[name])
     independent = measure(mdp, policy, sol, chosen, 4800, 4, seed=2, device="cpu")
-    assert independent.stats["grpo"]["variance"] != runs[0].stats["grpo"]["variance"]
+    assert independent.stats["grpo"].sampled.variance != runs[0].stats["grpo"].sampled.variance
     # under a shared start the exact moments are those given each start, averaged over rho0;
     # the sampled batch moments agree with them
     for name in ("leave_one_out_baseline", "grpo", "rloo", "remax"):
-        assert runs[0].stats[name]["exact"]["exact"] is True, name
-    assert abs(runs[0].stats["leave_one_out_baseline"]["agreement"]["z"]) < 4
-    assert independent.stats["leave_one_out_baseline"]["exact"]["exact"] is True
+        assert runs[0].stats[name].exact.exact is True, name
+    assert abs(runs[0].stats["leave_one_out_baseline"].agreement.z) < 4
+    assert independent.stats["leave_one_out_baseline"].exact.exact is True
 
 
 def _every_group(B: int, shared: bool, name: str):

@@ -29,7 +29,7 @@ def test_summary_matches_direct_formulas():
     X = torch.randn(N, P, dtype=torch.float64, generator=gen) * torch.arange(1, P + 1) + 0.3
     g = torch.full((P,), 0.25, dtype=torch.float64)
     m = _moments_from_dense(X, B, 400, g)
-    row = summarize({"x": m}, g, reference="x")["x"]
+    row = summarize({"x": m}, g, reference="x")["x"].to_json()
     mean = X.mean(0)
     cov = np.cov(X.numpy(), rowvar=False)
     batch_means = X.reshape(-1, B, P).mean(1)
@@ -132,7 +132,7 @@ def test_false_positive_rate_of_the_measured_test():
         stats = measure(mdp, policy, sol, chosen, 2000, 10, seed=seed, device="cpu",
                         exact=exact).stats
         for e in chosen:
-            rejections[e.name] += bool(stats[e.name]["rejects_unbiased"])
+            rejections[e.name] += bool(stats[e.name].rejects_unbiased)
     for name, k in rejections.items():
         assert 3 <= k <= 19, f"{name}: {k}/200 rejections at level 0.05"
 
@@ -143,7 +143,7 @@ def test_biased_estimators_are_flagged_and_unbiased_ones_are_not():
     sol = solve(mdp, policy, 0.8, 6)
     chosen = estimators.resolve("all")
     stats = measure(mdp, policy, sol, chosen, 200_000, 10, seed=0, device="cpu").stats
-    flagged = {name for name, row in stats.items() if row["p_value"] < 1e-3}
+    flagged = {name for name, row in stats.items() if row.sampled.p_value < 1e-3}
     biased = {e.name for e in chosen if not e.claims_unbiased(0.8)}
     # strongly biased ones are caught; no unbiased one reaches p < 1e-3
     assert {"reward_to_go_missing_discount", "final_formula_single_step"} <= flagged
@@ -156,9 +156,9 @@ def test_results_do_not_depend_on_the_other_estimators_chosen():
     policy = random_policy(3, 2, seed=0)
     sol = solve(mdp, policy, 0.9, 5)
     alone = measure(mdp, policy, sol, estimators.resolve("pgt_state_sampling"), 2000, 10, seed=3,
-                    device="cpu").stats["pgt_state_sampling"]
+                    device="cpu").stats["pgt_state_sampling"].to_json()
     among = measure(mdp, policy, sol, estimators.resolve("all"), 2000, 10, seed=3,
-                    device="cpu").stats["pgt_state_sampling"]
+                    device="cpu").stats["pgt_state_sampling"].to_json()
     for key in ("variance", "rel_bias_plugin", "p_value", "variance_ratio"):
         assert alone[key] == among[key], key
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,8 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def write_files(out_dir: str | os.PathLike, files: dict[str, bytes | Callable[[], bytes]]) -> list[Path]:
+def write_files(out_dir: str | os.PathLike,
+                files: Mapping[str, bytes | Callable[[], bytes]]) -> list[Path]:
     """Write ``files`` (name -> content) into out_dir; each file appears whole or not at all."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -847,7 +847,7 @@ def _exact_moments(model: MomentModel, form: Form, B: int) -> ExactMoments:
 
 
 def relative_metrics(mom: ExactMoments, grad: Tensor, reference_variance: float | None = None,
-                     block_factors: tuple[int, ...] = (1,)) -> dict[str, object]:
+                     block_factors: tuple[int, ...] = (1,)) -> dict[str, float | dict[int, float]]:
     """The exact metrics of one estimator (docs/metrics.md): relative bias, variances,
     noise-to-signal, relative MSE at k B, batch sizes for a relative MSE of 0.1 and 0.01,
     variance ratio against the reference. Undefined ratios (grad J = 0) are NaN."""
@@ -857,7 +857,7 @@ def relative_metrics(mom: ExactMoments, grad: Tensor, reference_variance: float 
     bias_sq = float(((mom.batch_mean - g) ** 2).sum())
     rel_bias_sq = bias_sq / g_sq if g_sq > 0 else nan
     bvar = mom.batch_variance
-    out: dict[str, object] = {
+    out: dict[str, float | dict[int, float]] = {
         "mean_norm": float(mom.batch_mean.norm()),
         # grad J = 0: relative bias 0 when the mean is 0 too (no bias), else infinite
         "rel_bias": (math.sqrt(rel_bias_sq) if g_sq > 0

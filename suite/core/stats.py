@@ -26,8 +26,8 @@ from torch import Tensor
 
 from .contraction import Grads
 
-__all__ = ["ChunkIndex", "Moments", "ScaleTest", "block_factors", "bootstrap_interval", "n_groups",
-           "scale_test", "summarize"]
+__all__ = ["AtBatchSize", "ChunkIndex", "Moments", "ScaleTest", "Summary", "block_factors",
+           "bootstrap_interval", "n_groups", "scale_test", "summarize"]
 
 BLOCK_FACTORS = (1, 4, 16, 64, 256)  # batch sizes B' = k B at which relMSE/cosine are measured
 MAX_GROUPS = 64
@@ -283,8 +283,97 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 and math.isfinite(b) else math.nan
 
 
+@dataclass(frozen=True)
+class AtBatchSize:
+    """The statistics of the blocks of B' = k B consecutive trajectories (k batches) of a rollout."""
+
+    rel_mse: float  # mean |g_B' - g|^2 / |g|^2 over the blocks
+    rel_mse_se: float  # its standard error
+    cosine: float  # mean cos(g_B', g)
+    cosine_se: float
+    sign_agreement: float  # fraction of blocks with g_B' . g > 0
+    n_blocks: int
+
+    def to_json(self) -> dict[str, float]:
+        return {"rel_mse": self.rel_mse, "rel_mse_se": self.rel_mse_se, "cosine": self.cosine,
+                "cosine_se": self.cosine_se, "sign_agreement": self.sign_agreement,
+                "n_blocks": self.n_blocks}
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One estimator's sampled statistics (``summarize``; ``suite.core.metrics.METRICS`` defines
+    each, docs/metrics.md explains them). Intervals are [low, high]; ``to_json`` gives the
+    estimator's row of stats.json."""
+
+    n_trajectories: int
+    batch_size: int
+    n_batches: int
+    n_groups: int  # the bootstrap's resampling units (groups of batches)
+    grad_norm: float
+    mean_norm: float
+    bias_norm: float
+    rel_bias: float
+    rel_bias_ci: list[float]
+    rel_bias_plugin: float
+    rel_bias_noise_floor: float
+    sq_bias_debiased: float
+    rel_sq_bias_debiased: float
+    cosine: float
+    norm_ratio: float
+    scale: float
+    scale_ci: list[float]
+    variance: float
+    variance_ci: list[float]
+    batch_variance: float
+    batch_variance_ci: list[float]
+    noise_to_signal: float
+    test_statistic: float
+    p_value: float | None  # None: the test is inconclusive
+    alpha: float
+    rejects_unbiased: bool | None  # None: inconclusive
+    inconclusive: str | None  # why the test cannot be trusted here
+    test_inconclusive: bool
+    trajectories_needed: int | None  # where an inconclusive test would hold its level
+    test_level_error: float
+    test_method: str
+    batch_size_for_rel_mse: dict[float, float]  # target relative MSE (0.1, 0.01) -> batch size
+    at_batch_size: dict[int, AtBatchSize]  # B' = k B -> its blocks' statistics
+    # against the reference estimator on the same trajectories (None: it was not measured)
+    variance_ratio: float | None = None
+    variance_ratio_ci: list[float] | None = None
+    batch_variance_ratio: float | None = None
+
+    def to_json(self) -> dict[str, object]:
+        row: dict[str, object] = {
+            "n_trajectories": self.n_trajectories, "batch_size": self.batch_size,
+            "n_batches": self.n_batches, "n_groups": self.n_groups, "grad_norm": self.grad_norm,
+            "mean_norm": self.mean_norm, "bias_norm": self.bias_norm, "rel_bias": self.rel_bias,
+            "rel_bias_ci": self.rel_bias_ci, "rel_bias_plugin": self.rel_bias_plugin,
+            "rel_bias_noise_floor": self.rel_bias_noise_floor,
+            "sq_bias_debiased": self.sq_bias_debiased,
+            "rel_sq_bias_debiased": self.rel_sq_bias_debiased, "cosine": self.cosine,
+            "norm_ratio": self.norm_ratio, "scale": self.scale, "scale_ci": self.scale_ci,
+            "variance": self.variance, "variance_ci": self.variance_ci,
+            "batch_variance": self.batch_variance, "batch_variance_ci": self.batch_variance_ci,
+            "noise_to_signal": self.noise_to_signal, "test_statistic": self.test_statistic,
+            "p_value": self.p_value, "alpha": self.alpha, "rejects_unbiased": self.rejects_unbiased,
+            "inconclusive": self.inconclusive, "test_inconclusive": self.test_inconclusive,
+            "trajectories_needed": self.trajectories_needed,
+            "test_level_error": self.test_level_error, "test_method": self.test_method,
+        }
+        if self.variance_ratio is not None:
+            row["variance_ratio"] = self.variance_ratio
+            row["variance_ratio_ci"] = self.variance_ratio_ci
+            row["batch_variance_ratio"] = self.batch_variance_ratio
+        for target, need in self.batch_size_for_rel_mse.items():
+            row[f"batch_size_for_rel_mse_{target:g}"] = need
+        row["at_batch_size"] = {b: at.to_json() for b, at in self.at_batch_size.items()}
+        return row
+
+
 def summarize(moments: dict[str, Moments], g: Tensor, reference: str = "reinforce",
-              seed: int = 0, alpha: float = ALPHA) -> dict[str, dict]:
+              seed: int = 0, alpha: float = ALPHA) -> dict[str, Summary]:
     """Metrics per estimator (docs/metrics.md). Intervals: percentile bootstrap over groups,
     the same resampled groups for every estimator (so the variance ratio is paired); the test
     and the scale interval: ``scale_test``."""
@@ -303,48 +392,50 @@ def summarize(moments: dict[str, Moments], g: Tensor, reference: str = "reinforc
         sq_bias_debiased = float(c["bias_sq_debiased"])
         sq_ci = _debiased_bias_interval(sq_bias_debiased, b["bias_sq_debiased"])
         mean_norm = float(c["mean"].norm())
-        row = {
-            "n_trajectories": int(c["N"]), "batch_size": m.batch_size, "n_batches": int(c["M"]),
-            "n_groups": K,
-            "grad_norm": math.sqrt(g_sq),
-            "mean_norm": mean_norm,
-            "bias_norm": float(c["bias_sq"].sqrt()),
-            "rel_bias": math.sqrt(max(rel(sq_bias_debiased), 0.0)),
-            "rel_bias_ci": [math.sqrt(max(rel(x), 0.0)) for x in sq_ci],
-            "rel_bias_plugin": math.sqrt(rel(float(c["bias_sq"]))),
-            "rel_bias_noise_floor": math.sqrt(max(rel(float(c["var_b"] / c["M"])), 0.0)),
-            "sq_bias_debiased": sq_bias_debiased,
-            "rel_sq_bias_debiased": rel(sq_bias_debiased),
-            "cosine": _ratio(float(c["mean"] @ g), mean_norm * math.sqrt(g_sq)),
-            "norm_ratio": _ratio(mean_norm, math.sqrt(g_sq)),
-            "scale": test.scale, "scale_ci": list(test.scale_ci),
-            "variance": float(c["var"]), "variance_ci": bootstrap_interval(b["var"]),
-            "batch_variance": float(c["var_b"]), "batch_variance_ci": bootstrap_interval(b["var_b"]),
-            "noise_to_signal": rel(float(c["var"])),
-            "test_statistic": test.statistic, "p_value": test.p_value, "alpha": alpha,
-            "rejects_unbiased": None if test.p_value is None else test.p_value < alpha,
-            "inconclusive": test.inconclusive, "test_inconclusive": test.p_value is None,
-            "trajectories_needed": test.trajectories_needed,
-            "test_level_error": test.level_error,
-            "test_method": "t-test of the batch estimates along grad J",
-        }
+        ratio: float | None = None
+        ratio_ci: list[float] | None = None
+        batch_ratio: float | None = None
         if ref is not None and ref_boot is not None:
-            row["variance_ratio"] = _ratio(float(c["var"]), float(ref["var"]))
-            row["variance_ratio_ci"] = bootstrap_interval(b["var"] / ref_boot["var"])
-            row["batch_variance_ratio"] = _ratio(float(c["var_b"]), float(ref["var_b"]))
+            ratio = _ratio(float(c["var"]), float(ref["var"]))
+            ratio_ci = bootstrap_interval(b["var"] / ref_boot["var"])
+            batch_ratio = _ratio(float(c["var_b"]), float(ref["var_b"]))
         eff_var = m.batch_size * float(c["var_b"])  # per-trajectory-equivalent variance
+        need = {}
         for target in (0.1, 0.01):
             room = target - max(rel(sq_bias_debiased), 0.0)
-            need = rel(eff_var) / room if room > 0 else (math.nan if math.isnan(room) else math.inf)
-            row[f"batch_size_for_rel_mse_{target:g}"] = need
+            need[target] = (rel(eff_var) / room if room > 0
+                            else (math.nan if math.isnan(room) else math.inf))
         per_b = {}
         for k, acc in zip(m.factors, m.blocks, strict=True):
             n, relsq, relsq2, cos, cos2, sign = acc.tolist()
             if n == 0:
                 continue
-            per_b[k * m.batch_size] = {"rel_mse": relsq / n, "rel_mse_se": _se(relsq, relsq2, n),
-                                       "cosine": cos / n, "cosine_se": _se(cos, cos2, n),
-                                       "sign_agreement": sign / n, "n_blocks": int(n)}
-        row["at_batch_size"] = per_b
-        out[name] = row
+            per_b[k * m.batch_size] = AtBatchSize(relsq / n, _se(relsq, relsq2, n), cos / n,
+                                                  _se(cos, cos2, n), sign / n, int(n))
+        out[name] = Summary(
+            n_trajectories=int(c["N"]), batch_size=m.batch_size, n_batches=int(c["M"]),
+            n_groups=K,
+            grad_norm=math.sqrt(g_sq),
+            mean_norm=mean_norm,
+            bias_norm=float(c["bias_sq"].sqrt()),
+            rel_bias=math.sqrt(max(rel(sq_bias_debiased), 0.0)),
+            rel_bias_ci=[math.sqrt(max(rel(x), 0.0)) for x in sq_ci],
+            rel_bias_plugin=math.sqrt(rel(float(c["bias_sq"]))),
+            rel_bias_noise_floor=math.sqrt(max(rel(float(c["var_b"] / c["M"])), 0.0)),
+            sq_bias_debiased=sq_bias_debiased,
+            rel_sq_bias_debiased=rel(sq_bias_debiased),
+            cosine=_ratio(float(c["mean"] @ g), mean_norm * math.sqrt(g_sq)),
+            norm_ratio=_ratio(mean_norm, math.sqrt(g_sq)),
+            scale=test.scale, scale_ci=list(test.scale_ci),
+            variance=float(c["var"]), variance_ci=bootstrap_interval(b["var"]),
+            batch_variance=float(c["var_b"]), batch_variance_ci=bootstrap_interval(b["var_b"]),
+            noise_to_signal=rel(float(c["var"])),
+            test_statistic=test.statistic, p_value=test.p_value, alpha=alpha,
+            rejects_unbiased=None if test.p_value is None else test.p_value < alpha,
+            inconclusive=test.inconclusive, test_inconclusive=test.p_value is None,
+            trajectories_needed=test.trajectories_needed,
+            test_level_error=test.level_error,
+            test_method="t-test of the batch estimates along grad J",
+            batch_size_for_rel_mse=need, at_batch_size=per_b,
+            variance_ratio=ratio, variance_ratio_ci=ratio_ci, batch_variance_ratio=batch_ratio)
     return out

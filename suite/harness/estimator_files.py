@@ -52,6 +52,8 @@ def load_estimator_file(path: str | Path) -> list[str]:
     module_name = f"_suite_user_estimators_{digest}"
     try:
         spec = importlib.util.spec_from_file_location(module_name, resolved)
+        if spec is None or spec.loader is None:  # not a name Python imports (no .py)
+            raise InputError(f"estimator file '{path}' is not a Python file (*.py)")
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module  # dataclasses and pickling look the module up
         try:

@@ -22,7 +22,7 @@ from ..core.mdp import MDP
 from ..core.moments import ExactMoments, MomentModel, NoExact, exact_moments, project, relative_metrics
 from ..core.policies import Policy
 
-__all__ = ["ExactRow", "agreement", "exact_rows"]
+__all__ = ["Agreement", "ExactRow", "agreement", "exact_rows"]
 
 
 @dataclass(frozen=True)
@@ -32,29 +32,31 @@ class ExactRow:
     name: str
     moments: ExactMoments | None  # None: no exact moments (reason says why)
     reason: str = ""
-    metrics: dict = field(default_factory=dict)  # relative_metrics, plus rel_mse at B
+    metrics: dict[str, float] = field(default_factory=dict)  # relative_metrics, rel_mse at B
     direction: Tensor | None = None  # [P] unit vector the agreement z-score is taken along
     direction_batch_variance: float = math.nan  # Var(direction . g_B), exact
+    rel_mse_at: dict[int, float] = field(default_factory=dict)  # batch size k B -> rel. MSE
 
     @property
     def exact(self) -> bool:
         return self.moments is not None
 
+    def get(self, metric: str) -> float | None:
+        """A metric as the ``exact`` block holds it: None when there are no exact moments, or
+        when it is undefined (NaN)."""
+        return None if self.moments is None else _finite_or_none(self.metrics[metric])
+
     def to_json(self) -> dict:
         """The ``exact`` block of stats.json / an entry of moments.json."""
         if self.moments is None:
             return {"exact": False, "reason": self.reason}
-        m = {k: v for k, v in self.metrics.items() if k != "rel_mse_at"}
-        m["rel_mse_at_batch_size"] = {str(b): v for b, v in self.metrics["rel_mse_at"].items()}
-        return {"exact": True, **{k: _finite_or_none(v) for k, v in m.items()}}
+        return {"exact": True, **{k: _finite_or_none(v) for k, v in self.metrics.items()},
+                "rel_mse_at_batch_size": {str(b): _finite_or_none(v)
+                                          for b, v in self.rel_mse_at.items()}}
 
 
-def _finite_or_none(v):
-    if isinstance(v, dict):
-        return {k: _finite_or_none(x) for k, x in v.items()}
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    return v
+def _finite_or_none(v: float) -> float | None:
+    return None if isinstance(v, float) and math.isnan(v) else v
 
 
 MAX_SHARED_STARTS = 16  # a shared start needs one exact run per start state
@@ -83,16 +85,21 @@ def exact_rows(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, batch_s
         if isinstance(mom, str):
             rows[est.name] = ExactRow(est.name, None, mom)
             continue
-        metrics = relative_metrics(mom, g, ref_var, tuple(factors))
-        metrics["rel_mse_at"] = metrics.pop("rel_mse")
-        metrics["rel_mse"] = metrics["rel_mse_at"][batch_size]
+        metrics: dict[str, float] = {}
+        rel_mse_at: dict[int, float] = {}
+        for key, value in relative_metrics(mom, g, ref_var, tuple(factors)).items():
+            if isinstance(value, dict):  # rel_mse, by batch size
+                rel_mse_at = value
+            else:
+                metrics[key] = value
+        metrics["rel_mse"] = rel_mse_at[batch_size]
         u = _direction(mom.batch_mean, g) if directions else None
         var_u = math.nan
         if u is not None:
             along = _Source(MomentModel(mdp, policy, sol, project(source.model.score, u[:, None])),
                             shared_start, groups=False).moments(est, batch_size)
             var_u, u = (math.nan, None) if isinstance(along, str) else (along.batch_variance, u)
-        rows[est.name] = ExactRow(est.name, mom, "", metrics, u, var_u)
+        rows[est.name] = ExactRow(est.name, mom, "", metrics, u, var_u, rel_mse_at)
     return rows
 
 
@@ -128,9 +135,10 @@ class _Source:
             given = self.model.for_start(s)
             parts.append((float(self.model.rho0[s]),
                           exact_moments(given, est.exact_form(given), batch_size)))
-        return ExactMoments(sum(w * m.mean for w, m in parts),
+        zero = torch.zeros((), dtype=torch.float64)  # sum's start, typed: 0.0 + x = 0 + x
+        return ExactMoments(sum((w * m.mean for w, m in parts), zero),
                             sum(w * m.second_moment for w, m in parts), int(batch_size),
-                            sum(w * m.batch_mean for w, m in parts),
+                            sum((w * m.batch_mean for w, m in parts), zero),
                             sum(w * m.batch_second_moment for w, m in parts))
 
     def outcomes(self) -> Outcomes | str:
@@ -155,13 +163,28 @@ def _direction(mean: Tensor, g: Tensor) -> Tensor | None:
     return v / v.norm()
 
 
+@dataclass(frozen=True)
+class Agreement:
+    """A sampled measurement against the exact moments (the ``agreement`` block of stats.json)."""
+
+    z: float  # the sampled mean's distance from the exact one along a direction, in std. errors
+    p_value: float  # two-sided normal p-value of z
+    variance_ratio: float  # sampled / exact variance
+    variance_ratio_ci: list[float]
+
+    def to_json(self) -> dict[str, object]:
+        return {"z": self.z, "p_value": self.p_value, "variance_ratio": self.variance_ratio,
+                "variance_ratio_ci": self.variance_ratio_ci}
+
+
 def agreement(row: ExactRow, sampled_mean: np.ndarray, n_batches: int,
-              sampled_variance: float, sampled_variance_ci: list[float]) -> dict:
+              sampled_variance: float, sampled_variance_ci: list[float]) -> Agreement | None:
     """The sampled statistics against the exact ones: z of the sampled mean along the row's
     direction (Var from the exact batch variance along it, over n_batches batches) with its
-    two-sided normal p-value, and the ratio of sampled to exact variance with its interval."""
+    two-sided normal p-value, and the ratio of sampled to exact variance with its interval.
+    None without exact moments or a direction."""
     if row.moments is None or row.direction is None:
-        return {}
+        return None
     diff = torch.as_tensor(sampled_mean, dtype=torch.float64) - row.moments.batch_mean
     se = math.sqrt(row.direction_batch_variance / n_batches) if row.direction_batch_variance > 0 \
         else 0.0
@@ -170,5 +193,4 @@ def agreement(row: ExactRow, sampled_mean: np.ndarray, n_batches: int,
     exact_var = row.moments.variance
     ratio = sampled_variance / exact_var if exact_var > 0 else math.nan
     ratio_ci = [x / exact_var for x in sampled_variance_ci] if exact_var > 0 else [math.nan] * 2
-    return {"z": z, "p_value": float(2 * st.norm.sf(abs(z))), "variance_ratio": ratio,
-            "variance_ratio_ci": ratio_ci}
+    return Agreement(z, float(2 * st.norm.sf(abs(z))), ratio, ratio_ci)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
-from .queue import Heartbeat, stale_trials
+from .queue import Heartbeat, rdb_storage, stale_trials
 from .tracking import Tracker
 
 __all__ = ["Leftovers", "close", "find"]
@@ -103,8 +103,7 @@ def find(studies: Iterable[optuna.Study], tracker: Tracker, beat: Heartbeat,
 def _has_heartbeat(study: optuna.Study, trial_id: int) -> bool:
     from optuna.storages._rdb import models
 
-    storage = getattr(study._storage, "_backend", study._storage)  # under Optuna's cache
-    session = storage.scoped_session()
+    session = rdb_storage(study).scoped_session()
     try:
         return models.TrialHeartbeatModel.where_trial_id(trial_id, session) is not None
     finally:

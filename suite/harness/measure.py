@@ -24,6 +24,7 @@ from ..core.policies import Policy
 from ..core.sampler import ChunkSampler, default_chunk_size, resolve_device
 from ..core.stats import SUMS, ChunkIndex, Moments, block_factors, summarize
 from ..core.threads import intra_op_threads
+from .estimator_stats import EstimatorStats
 from .exact_table import ExactRow, agreement, exact_rows
 
 __all__ = ["MIN_BATCHES", "Measurement", "check_sizes", "chunk_sizes", "measure", "statistics"]
@@ -33,8 +34,7 @@ MIN_BATCHES = 10  # the t-test and the bootstrap need enough independent batches
 class Measurement:
     """The statistics of every estimator on one rollout."""
 
-    stats: dict[str, dict]  # estimator name -> metrics (suite.core.stats.summarize), with an
-    #                         "exact" block and the "agreement" of the sampled with the exact
+    stats: dict[str, EstimatorStats]  # estimator name -> its statistics, exact block, agreement
     means: dict[str, np.ndarray]  # estimator name -> mean estimate, [P] float64
     n_steps: int  # transitions sampled
     seconds: float
@@ -140,21 +140,21 @@ def measure(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, n: int, ba
 
 
 def statistics(totals: dict[str, Moments], estimators, sol: ExactSolution,
-               exact: dict[str, ExactRow], seed: int = 0) -> tuple[dict[str, dict],
-                                                                     dict[str, np.ndarray]]:
-    """The statistics of accumulated sums (one rollout, or several seeds' sums merged), with
+               exact: dict[str, ExactRow], seed: int = 0,
+               n_seeds: int | None = None) -> tuple[dict[str, EstimatorStats], dict[str, np.ndarray]]:
+    """The statistics of accumulated sums (one rollout, or ``n_seeds`` seeds' sums merged), with
     each estimator's claim, its exact block and the agreement of the two; and the mean
     estimates [P]."""
     g = sol.grad.detach().to(torch.float64).cpu()
-    stats = summarize(totals, g, seed=seed)
+    summaries = summarize(totals, g, seed=seed)
     means = {k: (m.gsum.sum(0) / m.gn.sum()).numpy() for k, m in totals.items()}
-    for est in estimators:
-        row = stats[est.name]
-        row["claims_unbiased"] = est.claims_unbiased(sol.gamma)
-        row["condition"] = est.condition
-        row["exact"] = exact[est.name].to_json()
-        row["agreement"] = agreement(exact[est.name], means[est.name], row["n_batches"],
-                                     row["variance"], row["variance_ci"])
+    by_name = {est.name: est for est in estimators}
+    stats = {}
+    for name, s in summaries.items():
+        est, row = by_name[name], exact[name]
+        stats[name] = EstimatorStats(
+            est.claims_unbiased(sol.gamma), est.condition, row, s,
+            agreement(row, means[name], s.n_batches, s.variance, s.variance_ci), n_seeds)
     return stats, means
 
 
@@ -205,7 +205,7 @@ class _Run:
                                                   self.sampler.device)
                 grads = out if isinstance(out, Grads) else ctx.score(out)
                 partial[est.name].add(grads, first, self.exact.grad, index)
-            if weights:
+            if fused is not None and weights:
                 fused.add_weights(weights, batch, first)
             first += batch.n
             steps += int(batch.lengths.sum())

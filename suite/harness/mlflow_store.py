@@ -28,8 +28,7 @@ def prepare_tracking_store(store: StoreURL) -> str | None:
         if store.kind == "postgresql":
             _build(store.url, store)
             return None
-        path = store.path
-        assert path is not None
+        path = store.file
         state = _sqlite_state(path)
         if state == "whole":
             return None

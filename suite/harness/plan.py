@@ -22,6 +22,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -63,7 +64,8 @@ def chosen_estimators(spec: StudySpec, params: dict) -> list:
     """Every estimator a condition runs: the study's list (or the whole registry), the
     objectives' estimators and their baselines; reinforce always (the variance ratio's reference)."""
     names = spec.estimator_names(params)
-    names = names if names == "all" else names + [fill(o.estimator, params) for o in spec.objectives]
+    if isinstance(names, list):  # not "all"
+        names += [fill(o.estimator, params) for o in spec.objectives]
     chosen = estimators.resolve(names)
     extra = [fill(o.baseline, params) for o in spec.objectives]
     chosen += [estimators.get(n) for n in extra if n not in {e.name for e in chosen}]
@@ -99,8 +101,9 @@ def _file_hash(path: str) -> str:
         return "unreadable"
 
 
-def _flat(d, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A definition (JSON values) with its ``fixed`` and ``space`` tables flattened: fixed.gamma."""
+    out: dict[str, Any] = {}
     for key, value in d.items():
         path = f"{prefix}{key}"
         if isinstance(value, dict) and key in ("fixed", "space"):
@@ -170,6 +173,7 @@ def queue_conditions(study: optuna.Study, spec: StudySpec, limit: int | None) ->
         seen = {params_key(frozen_params(t)) for t in taken}
         todo = [p for p in spec.grid() if params_key(p) not in seen]
     else:
+        assert spec.trials is not None  # load_study: a search names its number of trials
         todo = [{}] * max(0, spec.trials - len(taken))
     if limit is not None:
         todo = todo[: max(0, limit - waiting)]

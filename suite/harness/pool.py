@@ -49,15 +49,15 @@ def ignore_signals() -> None:
 def deferred_signals():
     """SIGTERM and SIGINT wait until the block ends, then raise KeyboardInterrupt: a trial's
     commit and the closing of its runs are never cut in two. Main thread only."""
-    caught: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+    caught: list[signal.Signals] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signal.Signals(signum)))
                 for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if caught and any(previous[s] not in (signal.SIG_IGN,) for s in caught):
+    if caught and any(previous[s] != signal.SIG_IGN for s in caught):
         raise KeyboardInterrupt
 
 
@@ -78,7 +78,13 @@ def run_processes(target: Callable, jobs: Sequence[tuple], on_tick: Callable[[],
     except KeyboardInterrupt:
         stop(procs)
         raise
-    return [p.exitcode for p in procs]
+    return [_exit_code(p) for p in procs]
+
+
+def _exit_code(p: multiprocessing.process.BaseProcess) -> int:
+    if p.exitcode is None:  # not reached: every process has ended
+        raise RuntimeError(f"{p.name} is still running")
+    return p.exitcode
 
 
 def stop(procs, wait: float = STOP_WAIT) -> None:

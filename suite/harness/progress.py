@@ -50,7 +50,8 @@ class Progress:
         self.left = {t.number: self._work(_params(t)) for t in queue}
         self.total_work = sum(self.left.values())
         self.total = len(queue)
-        self.done = self.work_done = 0
+        self.done = 0
+        self.work_done: float = 0
         self.start = time.perf_counter()
         self.enabled = enabled and self.total > 0
         self.bar = None

@@ -25,13 +25,14 @@ from dataclasses import dataclass
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import RDBStorage, _CachedStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from ..core.errors import InputError
 from .stores import StoreURL, create_sqlite_atomically, engine_kwargs, store_lock
 
 __all__ = ["HEARTBEAT_ENV", "Heartbeat", "Pulse", "claim", "commit", "heartbeat_settings",
-           "open_storage", "stale_trials"]
+           "open_storage", "rdb_storage", "stale_trials"]
 
 HEARTBEAT_ENV = "SUITE_HEARTBEAT"
 
@@ -68,7 +69,7 @@ def open_storage(store: StoreURL, beat: Heartbeat) -> optuna.storages.RDBStorage
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if store.kind == "sqlite":
             with store_lock(store, "optuna-create"):
-                create_sqlite_atomically(store.path, _build_optuna)
+                create_sqlite_atomically(store.file, _build_optuna)
             storage = optuna.storages.RDBStorage(
                 store.url, engine_kwargs=engine_kwargs(store), heartbeat_interval=beat.interval,
                 grace_period=beat.grace)
@@ -100,12 +101,25 @@ def _begin_immediate(engine) -> None:
     engine.dispose()  # connections opened before the listeners existed are closed
 
 
+def _cached(study: optuna.Study) -> _CachedStorage:
+    """The study's storage: an RDBStorage (open_storage's) under the cache Optuna puts over it."""
+    storage = study._storage
+    if not isinstance(storage, _CachedStorage):
+        raise TypeError(f"study '{study.study_name}' is not on an RDB storage")
+    return storage
+
+
+def rdb_storage(study: optuna.Study) -> RDBStorage:
+    """The RDBStorage under the study's cache (its SQL session, its heartbeat table)."""
+    return _cached(study)._backend
+
+
 def claim(study: optuna.Study) -> optuna.Trial | None:
     """The next WAITING trial, now RUNNING and owned by this process, or None when none waits.
 
     Its heartbeat is recorded before the claim, so no trial is ever RUNNING without one (a
     worker killed right after claiming still leaves a heartbeat that goes stale)."""
-    storage = study._storage
+    storage = _cached(study)
     for frozen in storage.get_all_trials(study._study_id, deepcopy=False,
                                          states=(TrialState.WAITING,)):
         storage.record_heartbeat(frozen._trial_id)
@@ -132,8 +146,7 @@ def commit(study: optuna.Study, trial: optuna.Trial, state: TrialState,
 
 def stale_trials(study: optuna.Study) -> list[FrozenTrial]:
     """RUNNING trials whose heartbeat is older than the grace period: their worker is gone."""
-    storage = study._storage
-    ids = set(storage._get_stale_trial_ids(study._study_id))
+    ids = set(_cached(study)._get_stale_trial_ids(study._study_id))
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if t._trial_id in ids]
 

@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import optuna
@@ -194,7 +195,8 @@ def _studies(storage, spec: StudySpec, store: StoreURL, tracker: Tracker, start_
             main = optuna.create_study(study_name=spec.name, storage=storage,
                                        directions=directions(spec), sampler=make_sampler(spec))
         except optuna.exceptions.DuplicatedStudyError:  # pragma: no cover - the lock prevents it
-            main = _load(storage, spec.name, spec)
+            main = optuna.load_study(study_name=spec.name, storage=storage,
+                                     sampler=make_sampler(spec))
         record_definition(main, spec)
     else:
         check_definition(main, spec, store.masked)
@@ -348,14 +350,14 @@ def worker(job: WorkerJob, limit: int | None = None, on_trial=None, budget=None)
     tracker = Tracker(spec.name, job.tracking)
     failures = ran = 0
     while (limit is None or ran < limit) and _take(budget):
-        study, trial, run = next(((s, t, r) for s, r in queues if (t := claim(s)) is not None),
-                                 (None, None, None))
-        if trial is None:
+        claimed = next(((s, t, r) for s, r in queues if (t := claim(s)) is not None), None)
+        if claimed is None:
             break
+        study, trial, run = claimed
         ran += 1
         trial.set_user_attr("worker", job.worker)
-        with Pulse(lambda trial=trial: storage.record_heartbeat(trial._trial_id),
-                   job.beat.interval, cleanup=storage.remove_session):
+        with Pulse(partial(storage.record_heartbeat, trial._trial_id), job.beat.interval,
+                   cleanup=storage.remove_session):
             failures += not _execute(spec, study, trial, run, tracker, job.parent)
         if on_trial:
             on_trial()

@@ -85,6 +85,13 @@ class StoreURL:
     def masked(self) -> str:
         return mask(self.url)
 
+    @property
+    def file(self) -> Path:
+        """The database file of a SQLite store (ValueError for a server's URL)."""
+        if self.path is None:
+            raise ValueError(f"{self.what} '{self.masked}' is a server's URL, not a SQLite file")
+        return self.path
+
 
 def parse_store_url(url: str, what: str, schemes: tuple[str, ...]) -> StoreURL:
     """Check the form of a store URL (nothing is opened); InputError names the rule and the fix."""
@@ -149,8 +156,7 @@ def check_reachable(store: StoreURL) -> None:
 
 
 def _check_sqlite_file(store: StoreURL) -> None:
-    path = store.path
-    assert path is not None
+    path = store.file
     folder = _existing_parent(path)
     if folder != path.parent and not os.access(folder, os.W_OK):
         raise InputError(f"{store.what} '{store.url}': cannot create folder {path.parent} "
@@ -217,10 +223,9 @@ def _first_line(exc: BaseException, url: str) -> str:
 def store_lock(store: StoreURL, name: str, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
     """Hold the lock ``name`` of this store (every process that uses it takes the same one)."""
     if store.kind == "sqlite":
-        assert store.path is not None
-        store.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(store.path.with_name(store.path.name + ".lock"), os.O_RDWR | os.O_CREAT,
-                     0o644)
+        path = store.file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             _flock(fd, timeout, f"{store.what} {store.url} ({name})")
             yield

@@ -17,14 +17,15 @@ import optuna
 
 import estimators
 
-from ..core.metrics import by_name, verdict
+from ..core.metrics import by_name
 from ..core.sampler import resolve_device
 from ..core.stats import block_factors
+from .estimator_stats import EstimatorStats
 from .exact_table import exact_rows
 from .measure import MIN_BATCHES, Measurement, check_sizes, measure, statistics
 from .plan import chosen_estimators
 from .problem import make_problem
-from .study_spec import Objective, Range, StudySpec, fill
+from .study_spec import Direction, Objective, Range, StudySpec, fill
 from .tracking import Tracker, flatten_stats
 
 __all__ = ["TRIAL_WORK", "check_condition_sizes", "condition_label", "directions", "exact_only",
@@ -45,7 +46,7 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     }[spec.sampler]()
 
 
-def directions(spec: StudySpec) -> list[str]:
+def directions(spec: StudySpec) -> list[Direction]:
     # a grid study's value: how many estimators' verdicts contradict their claims
     return [o.direction for o in spec.objectives] or ["minimize"]
 
@@ -60,23 +61,22 @@ def trial_params(trial: optuna.Trial, spec: StudySpec, fixed: bool = False) -> d
     params = {}
     for key, space in spec.space.items():
         if isinstance(space, Range):
-            suggest = trial.suggest_int if space.int else trial.suggest_float
-            low, high = (int(space.low), int(space.high)) if space.int else (space.low, space.high)
-            params[key] = suggest(key, low, high, log=space.log)
+            params[key] = (trial.suggest_int(key, int(space.low), int(space.high), log=space.log)
+                           if space.int else
+                           trial.suggest_float(key, space.low, space.high, log=space.log))
         else:
             params[key] = trial.suggest_categorical(key, space)
     return params
 
 
-def exact_only(estimators, sol, exact) -> dict[str, dict]:
-    """Rows for a condition with no sampling (trajectories = 0): the claim and the exact block;
-    an estimator without exact moments has no numbers here."""
-    return {e.name: {"claims_unbiased": e.claims_unbiased(sol.gamma), "condition": e.condition,
-                     "rejects_unbiased": None, "exact": exact[e.name].to_json(), "agreement": {}}
+def exact_only(estimators, sol, exact) -> dict[str, EstimatorStats]:
+    """Statistics of a condition with no sampling (trajectories = 0): the claim and the exact
+    block; an estimator without exact moments has no numbers here."""
+    return {e.name: EstimatorStats(e.claims_unbiased(sol.gamma), e.condition, exact[e.name])
             for e in estimators}
 
 
-def pool_seeds(results: list[Measurement], estimators, sol, exact) -> dict[str, dict]:
+def pool_seeds(results: list[Measurement], estimators, sol, exact) -> dict[str, EstimatorStats]:
     """One set of statistics from several seeds' rollouts of a condition: their sums are added
     (the seeds' batches are independent), so there is one test and one interval per estimator."""
     totals = {}
@@ -85,19 +85,18 @@ def pool_seeds(results: list[Measurement], estimators, sol, exact) -> dict[str, 
         for r in results:
             pooled.merge(r.totals[name])
         totals[name] = pooled
-    stats, _ = statistics(totals, estimators, sol, exact, seed=0)
-    for row in stats.values():
-        row["n_seeds"] = len(results)
-        row["ci_resamples"] = ("groups of batches" if len(results) == 1
-                               else f"groups of batches, {len(results)} seeds pooled")
+    stats, _ = statistics(totals, estimators, sol, exact, seed=0, n_seeds=len(results))
     return stats
 
 
-def objective_value(obj: Objective, agg: dict[str, dict], params: dict, batch_size: int) -> float:
-    row = agg[fill(obj.estimator, params)]
+def objective_value(obj: Objective, agg: dict[str, EstimatorStats], params: dict,
+                    batch_size: int) -> float:
+    """The objective's metric for its estimator, read from the stats.json row as the metric
+    table says (the variance ratio against another baseline: the ratio of the two rows')."""
+    row = agg[fill(obj.estimator, params)].to_json()
     metric = by_name(obj.metric)
     if metric.name in ("variance_ratio", "exact_variance_ratio") and obj.baseline != "reinforce":
-        other = agg[fill(obj.baseline, params)]
+        other = agg[fill(obj.baseline, params)].to_json()
         variance = by_name(metric.name.replace("_ratio", ""))
         return variance.read(row) / variance.read(other)
     value = metric.read(row)
@@ -180,8 +179,8 @@ def run_trial(spec: StudySpec, trial: optuna.Trial, tracker: Tracker, parent: st
     metrics.update({f"objective/{i}": v for i, v in enumerate(values)})
     tracker.log(run, metrics)
     tracker.log_json(run, {"condition": cond, "params": params, "J": sol.J,
-                           "grad_norm": sol.grad_norm, "aggregate": agg,
-                           "per_seed": [r.stats for r in results]},
+                           "grad_norm": sol.grad_norm, "aggregate": _rows(agg),
+                           "per_seed": [_rows(r.stats) for r in results]},
                      "stats.json")
     trial.set_user_attr("estimators", [e.name for e in chosen])
     trial.set_user_attr("device", resolve_device(spec.device).type)  # added estimators reuse it
@@ -218,8 +217,13 @@ def check_condition_sizes(cond: dict, chosen) -> None:
         check_sizes(cond["batch_size"] * MIN_BATCHES, cond["batch_size"], chosen)  # the B rule
 
 
+def _rows(stats: dict[str, EstimatorStats]) -> dict[str, dict[str, object]]:
+    """Estimator name -> its row of stats.json."""
+    return {name: s.to_json() for name, s in stats.items()}
+
+
 def _measure(spec: StudySpec, problem, chosen, cond: dict, params: dict,
-             device: str) -> tuple[dict[str, dict], list[Measurement]]:
+             device: str) -> tuple[dict[str, EstimatorStats], list[Measurement]]:
     """Exact moments of every chosen estimator, then one rollout per seed (none when the
     condition asks for 0 trajectories); the seeds' statistics pooled, and each rollout's."""
     mdp, policy, sol = problem.mdp, problem.policy, problem.solution
@@ -235,17 +239,16 @@ def _measure(spec: StudySpec, problem, chosen, cond: dict, params: dict,
     return agg, results
 
 
-def _violations(agg: dict[str, dict], names: list[str]) -> int:
+def _violations(agg: dict[str, EstimatorStats], names: list[str]) -> int:
     """How many of these estimators' verdicts contradict their claims (inconclusive ones aside)."""
-    verdicts = {n: verdict(agg[n]["exact"].get("rel_bias"), agg[n]["rejects_unbiased"])[0]
-                for n in names}
-    return sum((v == "biased") == bool(agg[n]["claims_unbiased"])
+    verdicts = {n: agg[n].verdict()[0] for n in names}
+    return sum((v == "biased") == bool(agg[n].claims_unbiased)
                for n, v in verdicts.items() if v != "inconclusive")
 
 
-def log_estimators(tracker: Tracker, spec: StudySpec, chosen, agg: dict[str, dict], cond: dict,
-                   free: dict, params: dict, sol, condition_run: str, invocation_run: str,
-                   open_runs: list[str], tags: dict) -> None:
+def log_estimators(tracker: Tracker, spec: StudySpec, chosen, agg: dict[str, EstimatorStats],
+                   cond: dict, free: dict, params: dict, sol, condition_run: str,
+                   invocation_run: str, open_runs: list[str], tags: dict) -> None:
     """One MLflow run per estimator, naming its condition's run, left RUNNING in ``open_runs``."""
     label = condition_label(spec, params)
     for est in chosen:  # top-level runs: a UI filter returns them without their parents
@@ -254,7 +257,7 @@ def log_estimators(tracker: Tracker, spec: StudySpec, chosen, agg: dict[str, dic
             "kind": "estimator", "study": spec.name, "condition_run": condition_run,
             "invocation_run": invocation_run, **tags},
             params={**cond, **free, "estimator": est.name, "condition": label,
-                    "claims_unbiased": row["claims_unbiased"],
+                    "claims_unbiased": row.claims_unbiased,
                     "seeds": len(spec.seeds_for(params))})
         open_runs.append(est_run)
         tracker.log(est_run, {"exact/J": sol.J, "exact/grad_norm": sol.grad_norm,

@@ -19,6 +19,7 @@ import string
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, TypeGuard
 
 import estimators as registry
 
@@ -56,11 +57,14 @@ class Range:
     int: bool = False
 
 
+Direction = Literal["minimize", "maximize"]
+
+
 @dataclass(frozen=True)
 class Objective:
     metric: str  # one of METRICS
     estimator: str  # may contain {param} templates
-    direction: str  # "minimize" | "maximize"
+    direction: Direction
     baseline: str = "reinforce"  # the reference of variance_ratio
 
 
@@ -92,6 +96,8 @@ class StudySpec:
         and early results and the progress estimate represent the whole study."""
         points: list[dict] = [{}]
         for key, values in reversed(self.space.items()):
+            if isinstance(values, Range):  # load_study allows ranges in searches only
+                raise ValueError(f"space.{key} is a range: a search has no grid")
             points = [{key: v, **p} for p in points for v in values]
         if len(points) > 2000:  # the balancing below is quadratic
             return points
@@ -120,7 +126,7 @@ class StudySpec:
         """The trial's seeds: its own when the space has a seed parameter, else the study's."""
         return (int(params["seed"]),) if "seed" in params else self.seeds
 
-    def estimator_names(self, params: dict) -> list[str] | str:
+    def estimator_names(self, params: dict) -> list[str] | Literal["all"]:
         if self.estimators == "all":
             return "all"
         return [fill(e, params) for e in self.estimators]
@@ -354,6 +360,10 @@ def _check_names(path: Path, fixed: dict, space: dict, estimators, objectives,
                 raise InputError(f"{path}: {where}: {exc}") from None
 
 
+def _is_number(x: object) -> TypeGuard[int | float]:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
 def _load_space(path: Path, space, sampler: str) -> dict[str, list | Range]:
     if not isinstance(space, dict):
         raise _fail(path, "space", "must be a table", space)
@@ -370,7 +380,7 @@ def _load_space(path: Path, space, sampler: str) -> dict[str, list | Range]:
                             spec)
             _check_keys(path, where + ".", spec, ("low", "high", "log", "int"))
             low, high = spec.get("low"), spec.get("high")
-            if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in (low, high)):
+            if not (_is_number(low) and _is_number(high)):
                 raise _fail(path, where, "a range needs numbers low and high", spec)
             if not (math.isfinite(low) and math.isfinite(high) and low < high):
                 raise _fail(path, where, "a range needs finite low < high", spec)

@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 from ..core.metrics import flatten
+from .estimator_stats import EstimatorStats
 
 __all__ = ["EXPERIMENT_KIND", "Tracker", "flatten_stats", "tracking_uri", "ui_link"]
 
@@ -56,9 +57,9 @@ def environment_tags(device: str) -> dict[str, str]:
             "python_version": platform.python_version(), "host": platform.node()}
 
 
-def flatten_stats(row: dict) -> dict[str, float]:
-    """MLflow metrics of one estimator's statistics (suite.core.metrics.flatten)."""
-    return flatten(row)
+def flatten_stats(stats: EstimatorStats) -> dict[str, float]:
+    """MLflow metrics of one estimator's statistics (suite.core.metrics.flatten of its row)."""
+    return flatten(stats.to_json())
 
 
 class _Retrying:
