@@ -95,7 +95,9 @@ def bench(session: nox.Session) -> None:
 def study(session: nox.Session) -> None:
     """Run a study end to end; `nox -s study -- FILE [options]` (default: the default study + report)."""
     python = shared_env(session)
-    args = session.posargs or ["studies/default.toml"]
+    # the default job: one worker process per core, up to 4 (its trials are independent)
+    workers = str(max(1, min(4, os.cpu_count() or 1)))
+    args = session.posargs or ["studies/default.toml", "--workers", workers]
     session.run(str(python), "-m", "suite", "study", *args)
     if not session.posargs:  # the default job ends with its report; `report` prints the paths
         session.run(str(python), "-m", "suite", "report", "studies/default.toml")
