@@ -5,9 +5,10 @@ estimator's step weights w [N, T] into the sums of ``Moments``: per trajectory
 X_i[s, a] = C_i[s, a] - pi(a|s) sum_a' C_i[s, a'] with C_i[s, a] = sum of w_it over the steps of
 trajectory i at (s, a); then per batch, per group and per block of k batches the sums listed in
 ``stats``. Done with torch, that is a scatter and a dozen passes over [trajectories x states x
-actions] tables per estimator. ``FusedMoments`` does it in numba-compiled loops: the weightings of
-every estimator together (read from their own [N, T] tensors), and an estimator that returns its gradients
-(``Grads``) from their rows; it keeps only the states a trajectory, a batch or a block visited.
+actions] tables per estimator. ``FusedMoments`` does it in numba-compiled loops: the weightings
+of every estimator together (each read from its own [N, T] tensor), and an estimator that returns
+its gradients (``Grads``) from their rows; it keeps only the states a trajectory, a batch or a
+block visited.
 The sums are the same, added in a different order: they agree with the torch path to float64
 rounding (tests/test_fused.py). Blocks of k batches are counted from the chunk's first batch, so
 a chunk may be fed in pieces of any whole number of batches.
