@@ -60,7 +60,7 @@ def fitted_value_baseline(ctx: Context):
     sums = torch.bincount(key, ctx.steps_of(G), ctx.n_halves * S)
     visits = torch.bincount(key, minlength=ctx.n_halves * S)
     v_hat = sums / visits.clamp(min=1)  # 0 for states the fold never visited
-    baseline = v_hat[ctx.other_half[:, None] * S + ctx.batch.states]
+    baseline = ctx.take(v_hat, ctx.other_half[:, None] * S + ctx.batch.states)
     return ctx.discount * (G - baseline)
 
 

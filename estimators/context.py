@@ -83,17 +83,26 @@ class Context:
         """t * S + s_t, shape [N, T]: flat index into a [T, S] table."""
         return self.steps * self.exact.pi.shape[0] + self.batch.states
 
+    @staticmethod
+    def take(table: Tensor, index: Tensor) -> Tensor:
+        """table.reshape(-1)[index] for an integer index of any shape (an index_select: on the
+        CPU several times faster than advanced indexing)."""
+        return table.reshape(-1).index_select(0, index.reshape(-1)).view(index.shape)
+
     def value_at(self, V: Tensor) -> Tensor:
         """V[t, s_t] for a table V [>= T, S], shape [N, T] (cached per table)."""
         key = ("value_at", id(V))
         if key not in self.cache:
-            self.cache[key] = (V, V[: self.T].reshape(-1)[self._ts])
+            self.cache[key] = (V, self.take(V[: self.T], self._ts))
         return self.cache[key][1]
 
     def q_at(self, Q: Tensor) -> Tensor:
-        """Q[t, s_t, a_t] for a table Q [>= T, S, A], shape [N, T]."""
-        A = Q.shape[-1]
-        return Q[: self.T].reshape(-1)[self._ts * A + self.batch.actions]
+        """Q[t, s_t, a_t] for a table Q [>= T, S, A], shape [N, T] (cached per table)."""
+        key = ("q_at", id(Q))
+        if key not in self.cache:
+            A = Q.shape[-1]
+            self.cache[key] = (Q, self.take(Q[: self.T], self._ts * A + self.batch.actions))
+        return self.cache[key][1]
 
     def next_value(self, V: Tensor) -> Tensor:
         """V[t+1, s_{t+1}] if step t+1 happened, else 0 (termination or horizon), shape [N, T]."""

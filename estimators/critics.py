@@ -41,7 +41,7 @@ def advantage_oracle(ctx: Context):
 def all_action(ctx: Context):
     """Integrates the action out at every visited state with the exact Q_t: not a weighting."""
     S, A = ctx.exact.pi.shape
-    Q = ctx.exact.Q.reshape(-1, A)[ctx.step_time * S + ctx.step_state]  # [L, A]: Q_t(s_t, .)
+    Q = ctx.exact.Q.reshape(-1, A).index_select(0, ctx.step_time * S + ctx.step_state)  # [L, A]
     return ctx.pi_grad(ctx.discount[ctx.step_time, None] * Q)
 
 
