@@ -258,6 +258,7 @@ def log_estimators(tracker: Tracker, spec: StudySpec, chosen, agg: dict[str, Est
             "invocation_run": invocation_run, **tags},
             params={**cond, **free, "estimator": est.name, "condition": label,
                     "claims_unbiased": row.claims_unbiased,
-                    "seeds": len(spec.seeds_for(params))},
-            metrics={"exact/J": sol.J, "exact/grad_norm": sol.grad_norm, **flatten_stats(row)})
+                    "seeds": len(spec.seeds_for(params))})
         open_runs.append(est_run)
+        tracker.log(est_run, {"exact/J": sol.J, "exact/grad_norm": sol.grad_norm,
+                              **flatten_stats(row)})

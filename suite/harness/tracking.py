@@ -114,38 +114,27 @@ class Tracker:
         return found.experiment_id
 
     def start(self, name: str, parent: str | None = None, tags: dict | None = None,
-              params: dict | None = None, metrics: dict[str, float] | None = None) -> str:
-        """Create a run with its tags, then log its params and metrics (one batch where they
-        fit: each call to a SQLite store costs about 10 ms, and a study logs thousands)."""
+              params: dict | None = None) -> str:
         from mlflow.entities import Param
 
         tags = dict(tags or {})
         if parent:
             tags["mlflow.parentRunId"] = parent
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
-        ps = [Param(k, str(v)) for k, v in (params or {}).items()]
-        if ps or metrics:
-            try:
-                self.log(run.info.run_id, metrics or {}, params=ps)
-            except BaseException:  # no run left RUNNING that its caller never heard of
-                self.end(run.info.run_id, "FAILED")
-                raise
+        if params:
+            self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         return run.info.run_id
 
-    def log(self, run_id: str, metrics: dict[str, float], step: int = 0, tags: dict | None = None,
-            params: list | None = None) -> None:
+    def log(self, run_id: str, metrics: dict[str, float], step: int = 0, tags: dict | None = None) -> None:
         import time
 
         from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
-        entries = [*(params or []), *(RunTag(k, str(v)) for k, v in (tags or {}).items()),
-                   *(Metric(k, float(v), now, step) for k, v in metrics.items())]
-        for i in range(0, max(len(entries), 1), 900):  # MLflow caps a batch at 1000 entries
-            part = entries[i:i + 900]
-            self.client.log_batch(run_id, metrics=[e for e in part if isinstance(e, Metric)],
-                                  params=[e for e in part if not isinstance(e, Metric | RunTag)],
-                                  tags=[e for e in part if isinstance(e, RunTag)])
+        ms = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        for i in range(0, max(len(ms), 1), 900):  # MLflow caps a batch at 1000 entries
+            self.client.log_batch(run_id, metrics=ms[i:i + 900], tags=ts if i == 0 else [])
 
     def log_json(self, run_id: str, obj, name: str) -> None:
         self.client.log_text(run_id, json.dumps(obj, indent=1, sort_keys=True, default=str), name)
