@@ -270,3 +270,16 @@ def test_trajectories_are_counted_before_they_are_enumerated():
         assert count_paths(mdp, pi, H) == enumerate_paths(mdp, pi, H)[0].n
     with pytest.raises(InputError, match="2.62e[+]48 at horizon 50, more than 1,000,000"):
         enumerate_paths(make_mdp("FrozenLake-v1"), uniform(16, 4).probs(), 50)
+
+
+def test_too_much_pair_work_gives_no_exact_moments_with_the_reason(monkeypatch):
+    """The E|g|^2 pair loop is bounded: over the bound the answer is NoExact with why, not minutes
+    of work; under it the same call gives the moments."""
+    import suite.core.group_moments as gm_module
+
+    mdp, policy, sol, _, _ = _binary_task(3)
+    table = outcome_table(mdp, policy, sol)
+    assert not isinstance(group_moments(table, "grpo", "token-sum", 3), NoExact)
+    monkeypatch.setattr(gm_module, "MAX_PAIR_WORK", 1)
+    refused = group_moments(table, "grpo", "token-sum", 3)
+    assert isinstance(refused, NoExact) and "pairs of outcomes" in refused.reason

@@ -174,7 +174,7 @@ def _sample_chunk_compiled(tab: _Tables, horizon: int, n: int, gen: torch.Genera
     actions = torch.zeros(n, horizon, dtype=torch.int64)
     rewards = torch.zeros(n, horizon, dtype=torch.float64)
     lengths = torch.zeros(n, dtype=torch.int64)
-    _walk(u0.cpu().numpy(), u.cpu().numpy().reshape(horizon, n), group_size, tab.M, tab.K, tab.A,
+    _walk(u0.numpy(), u.numpy().reshape(horizon, n), group_size, tab.M, tab.K, tab.A,
           tab.sink, tab.keep.numpy(), tab.alias.numpy(), tab.next_state.numpy(),
           tab.reward.numpy(), tab.rho_keep.numpy(), tab.rho_alias.numpy(), states.numpy(),
           actions.numpy(), rewards.numpy(), lengths.numpy())

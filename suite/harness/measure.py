@@ -180,10 +180,11 @@ class _Run:
         that hold whole blocks."""
         batch_all = self.sampler.chunk(c)
         first, steps = self.sampler.first(c), 0
-        partial = {e.name: self.template.empty_like() for e in self.estimators}
         B = self.template.batch_size
         fused = (FusedMoments(self.template, self.contraction.pi, self.exact.grad)
                  if self.fuse else None)
+        partial = {} if fused is not None else \
+            {e.name: self.template.empty_like() for e in self.estimators}
         # each estimator's own randomness: a generator per (seed, chunk, estimator name), so its
         # draws do not depend on which other estimators run, nor on their order
         gens = {e.name: _generator(self.sampler.device, self.sampler.seed, c, e.name)
