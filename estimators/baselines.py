@@ -56,7 +56,7 @@ def fitted_value_baseline(ctx: Context):
     half of the batch (0 for states it never visited)."""
     G = ctx.reward_to_go
     S = ctx.exact.pi.shape[0]
-    key = ctx.half[ctx.step_traj] * S + ctx.step_state  # [L] (fold, state) of each step
+    key = ctx.half.index_select(0, ctx.step_traj) * S + ctx.step_state  # [L] (fold, state) of each step
     sums = torch.bincount(key, ctx.steps_of(G), ctx.n_halves * S)
     visits = torch.bincount(key, minlength=ctx.n_halves * S)
     v_hat = sums / visits.clamp(min=1)  # 0 for states the fold never visited

@@ -141,6 +141,11 @@ class Context:
         (in the order of step_time / step_state)."""
         return self.contraction.pi_grad(c)
 
+    def pi_grad_table(self, D: Tensor) -> Grads:
+        """X_i = sum_t sum_a D[t, s_it, a] grad pi(a|s_it), from a table D [>= T, S, A] (pi_grad
+        with the cotangents looked up by time and state)."""
+        return self.contraction.pi_grad_table(D)
+
     def steps_of(self, x: Tensor) -> Tensor:
         """x [N, T, ...] at the sampled steps, [L, ...] in step order."""
         return self.contraction.steps_of(x)

@@ -40,9 +40,7 @@ def advantage_oracle(ctx: Context):
           exact=lambda m: AllAction(m.sol.Q))
 def all_action(ctx: Context):
     """Integrates the action out at every visited state with the exact Q_t: not a weighting."""
-    S, A = ctx.exact.pi.shape
-    Q = ctx.exact.Q.reshape(-1, A).index_select(0, ctx.step_time * S + ctx.step_state)  # [L, A]
-    return ctx.pi_grad(ctx.discount[ctx.step_time, None] * Q)
+    return ctx.pi_grad_table(ctx.discount[:, None, None] * ctx.exact.Q[: ctx.T])
 
 
 def critic_table(V: torch.Tensor, critic: str, sigma: float, seed: int) -> torch.Tensor:

@@ -240,7 +240,7 @@ def remax(ctx: Context) -> Tensor:
     if key not in ctx.shared:  # one dynamic programme per problem, not per batch
         ctx.shared[key] = greedy_return(ctx.mdp, ctx.exact.pi.cpu(), ctx.gamma, ctx.batch.horizon) \
             .to(ctx.device)
-    return (ctx.reward_to_go[:, 0] - ctx.shared[key][ctx.batch.states[:, 0]])[:, None]
+    return (ctx.reward_to_go[:, 0] - ctx.shared[key].index_select(0, ctx.batch.states[:, 0]))[:, None]
 
 
 @advantage("ppo_advantage_normalization", agg="token-mean",

@@ -70,3 +70,45 @@ def test_grads_operations_agree_between_forms():
     assert torch.allclose(rows.times_traj(c).dense(), dense.times_traj(c).values)
     assert torch.allclose(rows.times_param(b, group).dense(), dense.times_param(b, group).values)
     assert torch.allclose((rows.square() - rows).dense(), (dense.square() - dense).values)
+
+
+@pytest.mark.parametrize("kind", ["tabular", "mlp"])
+def test_pi_table_contraction_matches_autograd(kind):
+    policy, batch, con = _setup(kind)
+    D = torch.randn(batch.states.shape[1], 16, 4, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(3))
+
+    def loss(policy, theta, i, T):
+        s = batch.states[i, :T]
+        return (D[torch.arange(T), s] * policy.probs(theta)[s]).sum()
+
+    expected = _autograd_rows(policy, batch, loss)
+    assert torch.allclose(con.pi_grad_table(D).dense(), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("env", ["FrozenLake8x8-v1", "Taxi-v4"])
+def test_compiled_rows_agree_with_the_torch_indexing(env):
+    """On the CPU the tabular rows and contractions run compiled (suite.core.rows); the torch
+    code they replace (kept for CUDA) gives the same rows and values to float64 rounding."""
+    mdp = make_mdp(env)
+    policy = random_policy(mdp.n_states, mdp.n_actions, seed=4)
+    batch = sample(mdp, policy.probs().detach(), 30, 64, seed=5, device="cpu")
+    base = Contraction(policy, torch.device("cpu"))
+    fast, slow = base.for_batch(batch), base.for_batch(batch)
+    slow._compiled = False
+    assert fast._compiled
+    for a, b in [(fast.rows.step_row, slow.rows.step_row), (fast.slot, slow.slot),
+                 (fast.rows.row_traj, slow.rows.row_traj),
+                 (fast.rows.row_state, slow.rows.row_state)]:
+        assert torch.equal(a, b)
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(batch.states.shape, dtype=torch.float64, generator=gen)
+    c = torch.randn(int(batch.lengths.sum()), mdp.n_actions, dtype=torch.float64, generator=gen)
+    D = torch.randn(batch.states.shape[1], mdp.n_states, mdp.n_actions, dtype=torch.float64,
+                    generator=gen)
+    for x, y in [(fast.score(w), slow.score(w)), (fast.pi_grad(c), slow.pi_grad(c)),
+                 (fast.pi_grad_table(D), slow.pi_grad_table(D))]:
+        assert torch.allclose(x.values, y.values, rtol=1e-12, atol=1e-12)
+    moved = base.for_batch(batch)  # a must-fail case: another batch's weights disagree
+    other = torch.randn(batch.states.shape, dtype=torch.float64, generator=gen)
+    assert not torch.allclose(moved.score(other).values, slow.score(w).values)

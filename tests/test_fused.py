@@ -126,6 +126,32 @@ def test_a_wrong_weight_changes_the_fused_sums():
         _close(fused.finish(0, n)["reward_to_go"], reference)
 
 
+def test_constant_weights_fold_as_a_multiple_of_the_score():
+    """A weighting constant along each trajectory (a column expanded: stride 0) is folded as
+    that constant times the score: the same sums as the materialised weights, mixed in any order
+    with varying ones; a piece that breaks the constancy is refused."""
+    n, B = 200, 4
+    sol, template, batch, con = _setup(n, B, factors=[1, 5])
+    ctx = Context(batch, 0.9, sol, con.for_batch(batch), B)
+    column = torch.randn(n, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    expanded = column.expand_as(batch.rewards)
+    varying = estimators.get("reward_to_go").output(ctx)
+    fast = FusedMoments(template, con.pi, sol.grad)
+    fast.add_weights([("c", expanded), ("v", varying), ("c1", column)], batch, 0)
+    slow = FusedMoments(template, con.pi, sol.grad)
+    slow.add_weights([("c", expanded.contiguous()), ("v", varying),
+                      ("c1", expanded.contiguous())], batch, 0)
+    out, ref = fast.finish(0, n), slow.finish(0, n)
+    for name in ("c", "v", "c1"):
+        _close(out[name], ref[name], rtol=1e-12)
+    with pytest.raises(AssertionError):  # must fail: another constant gives other sums
+        _close(out["c"], ref["v"])
+    again = FusedMoments(template, con.pi, sol.grad)
+    again.add_weights([("c", expanded[:100])], batch.rows(0, 100), 0)
+    with pytest.raises(ValueError, match="constant along each trajectory"):
+        again.add_weights([("c", expanded[100:].contiguous())], batch.rows(100, 200), 100)
+
+
 @pytest.mark.parametrize("factor", [0.0, 0.3, 0.99, 1.0, 1e-6])
 def test_backward_scan_equals_the_torch_sums_to_go(factor):
     """One pass y_t = x_t + f y_{t+1} on the CPU; the power-scaled cumulative sum (or, for a

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .policies import Policy
+from .rows import pi_rows_grad, pi_table_grad, score_rows, visited_rows
 from .sampler import Batch
 
 __all__ = ["BatchContraction", "Contraction", "DenseGrads", "Grads", "RowGrads"]
@@ -35,7 +36,6 @@ class _Rows:
     """Visited (trajectory, state) pairs of one batch, and the map from steps to them."""
 
     step_row: Tensor  # [L] row of each sampled step (L = number of masked steps)
-    step_action: Tensor  # [L] action of each sampled step
     row_traj: Tensor  # [V] trajectory of each row
     row_state: Tensor  # [V] state of each row
     n: int  # N trajectories
@@ -56,7 +56,7 @@ class _Rows:
         table; cached per grouping (the statistics reuse one)."""
         hit = self._group_entries.get(id(group))
         if hit is None or hit[0] is not group:
-            rows = group[self.row_traj] * self.S + self.row_state
+            rows = group.index_select(0, self.row_traj) * self.S + self.row_state
             a = torch.arange(self.A, device=rows.device)
             hit = (group, (rows[:, None] * self.A + a).reshape(-1))
             self._group_entries[id(group)] = hit
@@ -132,12 +132,12 @@ class RowGrads(Grads):
                               n_groups * S * A).reshape(n_groups, S * A)
 
     def times_traj(self, c: Tensor) -> RowGrads:
-        return RowGrads(self.values * c[self.rows.row_traj, None], self.rows)
+        return RowGrads(self.values * c.index_select(0, self.rows.row_traj)[:, None], self.rows)
 
     def times_param(self, b: Tensor, group: Tensor) -> RowGrads:
-        table = b.reshape(-1, self.rows.S, self.rows.A)
-        return RowGrads(self.values * table[group[self.rows.row_traj], self.rows.row_state],
-                        self.rows)
+        r = self.rows
+        at = group.index_select(0, r.row_traj) * r.S + r.row_state  # [V] row of the [G*S, A] table
+        return RowGrads(self.values * b.reshape(-1, r.A).index_select(0, at), r)
 
     def __add__(self, other: RowGrads) -> RowGrads:
         return RowGrads(self.values + other.values, self.rows)
@@ -218,6 +218,13 @@ class BatchContraction:
         self.J_log, self.J_pi = base.J_log, base.J_pi
         self.batch = batch
         self.mask = batch.mask
+        # tabular on the CPU: the index work in compiled passes (suite.core.rows)
+        self._compiled = base.tabular and batch.states.device.type == "cpu"
+
+    @cached_property
+    def _pi64(self):
+        """pi [S, A] as a float64 NumPy array (for the compiled passes)."""
+        return self.pi.to(torch.float64).contiguous().numpy()
 
     @cached_property
     def flat(self) -> Tensor:
@@ -238,21 +245,24 @@ class BatchContraction:
         return self.steps_of(self.batch.states)
 
     @cached_property
-    def step_action(self) -> Tensor:  # [L]
-        return self.steps_of(self.batch.actions)
-
-    @cached_property
     def _tabular_rows(self) -> tuple[_Rows, Tensor, Tensor]:
-        """Rows = distinct (trajectory, state) keys, numbered in key order via a dense flag map;
-        the [V, A] entry of each step; pi at each row [V, A]."""
-        key = self.step_traj * self.S + self.step_state
-        flags = torch.zeros(self.batch.n * self.S, dtype=torch.bool, device=key.device)
-        flags[key] = True
-        step_row = (flags.cumsum(0) - 1)[key]
-        keys = flags.nonzero().squeeze(1)
-        rows = _Rows(step_row, self.step_action, keys // self.S, keys % self.S, self.batch.n,
-                     self.S, self.A)
-        return rows, step_row * self.A + self.step_action, self.pi[rows.row_state]
+        """Rows = distinct (trajectory, state) keys, in key order; the [V, A] entry of each step;
+        pi at each row [V, A]. On the CPU one compiled pass (suite.core.rows); elsewhere the
+        keys are numbered through a dense flag map."""
+        b = self.batch
+        if self._compiled:
+            step_row, slot, row_traj, row_state = (torch.from_numpy(x) for x in visited_rows(
+                b.states.numpy(), b.actions.numpy(), b.lengths.numpy(), self.S, self.A))
+        else:
+            key = self.step_traj * self.S + self.step_state
+            flags = torch.zeros(b.n * self.S, dtype=torch.bool, device=key.device)
+            flags.index_fill_(0, key, True)
+            step_row = (flags.cumsum(0) - 1).index_select(0, key)
+            keys = flags.nonzero().squeeze(1)
+            row_traj, row_state = keys // self.S, keys % self.S
+            slot = step_row * self.A + self.steps_of(b.actions)
+        rows = _Rows(step_row, row_traj, row_state, b.n, self.S, self.A)
+        return rows, slot, self.pi.index_select(0, row_state)
 
     @property
     def rows(self) -> _Rows:
@@ -273,6 +283,11 @@ class BatchContraction:
     def score(self, weights: Tensor) -> Grads:
         """X_i = sum_t w_it grad log pi(a_it|s_it), from weights [N, T] (entries past the end of
         an episode are ignored, whatever they hold)."""
+        if self.J_log is None and self._compiled:
+            w64 = weights.to(torch.float64).contiguous().numpy()
+            values = score_rows(w64, self.batch.lengths.numpy(), self.slot.numpy(),
+                                self.rows.row_state.numpy(), self._pi64)
+            return RowGrads(torch.from_numpy(values).to(weights.dtype), self.rows)
         w = self.steps_of(weights)
         if self.J_log is None:  # tabular
             r = self.rows
@@ -280,13 +295,18 @@ class BatchContraction:
             counts = counts.index_add_(0, self.slot, w).reshape(-1, self.A)
             return RowGrads(r.minus_pi_times_row_sums(counts, self.pi_rows), r)
         cot = torch.zeros(self.batch.n * self.S * self.A, dtype=w.dtype, device=w.device)
-        idx = (self.step_traj * self.S + self.step_state) * self.A + self.step_action
+        idx = (self.step_traj * self.S + self.step_state) * self.A + self.steps_of(self.batch.actions)
         cot = cot.index_add_(0, idx, w).reshape(self.batch.n, -1)
         return DenseGrads(cot @ self.J_log)
 
     def pi_grad(self, c: Tensor) -> Grads:
         """X_i = sum_t sum_a c_it[a] grad pi(a|s_it), from cotangents at the sampled steps
         c [L, A], in step order (step_traj, step_time, step_state)."""
+        if self.J_pi is None and self._compiled:
+            r = self.rows
+            values = pi_rows_grad(c.to(torch.float64).contiguous().numpy(), r.step_row.numpy(),
+                                  r.row_state.numpy(), self._pi64)
+            return RowGrads(torch.from_numpy(values).to(c.dtype), r)
         if self.J_pi is None:  # tabular
             r = self.rows
             acc = torch.zeros(len(r.row_traj), self.A, dtype=c.dtype, device=c.device)
@@ -295,3 +315,17 @@ class BatchContraction:
         cot = torch.zeros(self.batch.n * self.S, self.A, dtype=c.dtype, device=c.device)
         cot = cot.index_add_(0, self.step_traj * self.S + self.step_state, c)
         return DenseGrads(cot.reshape(self.batch.n, -1) @ self.J_pi)
+
+    def pi_grad_table(self, D: Tensor) -> Grads:
+        """X_i = sum_t sum_a D[t, s_it, a] grad pi(a|s_it), from a table D [>= T, S, A] (the
+        cotangents of pi_grad, looked up by (t, s_t): on the CPU read in the same pass)."""
+        if self.J_pi is None and self._compiled:
+            r, b = self.rows, self.batch
+            values = pi_table_grad(D.to(torch.float64).contiguous().numpy(), b.states.numpy(),
+                                   b.lengths.numpy(), r.step_row.numpy(), r.row_state.numpy(),
+                                   self._pi64)
+            return RowGrads(torch.from_numpy(values).to(D.dtype), r)
+        A = D.shape[-1]
+        at = self.step_time * self.S + self.step_state  # [L] row of the [T*S, A] table
+        return self.pi_grad(D.reshape(-1, A).index_select(0, at))
+

@@ -44,7 +44,8 @@ class _Sums:
         self.gsq, self.gbsq = np.zeros((K, E)), np.zeros((K, E))
         self.gu = np.zeros((3, K, E))  # sums of y^2, y^3, y^4
         self.blocks = np.zeros((F, 6, E))
-        self.count = np.zeros((P, E))  # one trajectory's counts C_i (weightings only)
+        self.count = np.zeros((P, E + 1))  # one trajectory's counts C_i (weightings only; the
+        #                                    column after the varying ones counts the steps)
         self.batch = np.zeros((P, E))  # the batch's sum of X_i
         self.level = np.zeros((F, P, E))  # the running block sum of each level
         self.touched = np.zeros((F + 2, S), dtype=np.bool_)  # rows: trajectory, batch, levels
@@ -57,6 +58,11 @@ class _Sums:
 
     def scratch(self) -> tuple:
         return self.batch, self.level, self.touched, self.states, self.sizes
+
+
+def _constant(w: Tensor) -> bool:
+    """True if the weights w [n, T] are one value per trajectory, repeated along time."""
+    return w.shape[1] == 1 or w.stride(1) == 0
 
 
 class FusedMoments:
@@ -88,17 +94,34 @@ class FusedMoments:
     def add_weights(self, weights: list[tuple[str, Tensor]], batch: Batch, first_traj: int) -> None:
         """Fold one piece of weightings: each estimator's w [n, T] (entries past an episode's
         end are ignored) on trajectories first_traj .. first_traj + n - 1, in order after the
-        previous piece."""
-        names = [name for name, _ in weights]
-        if self._weights is None:
+        previous piece. A weighting that is constant along each trajectory (a [n, 1] column
+        expanded, stride 0) is folded as that constant times the score sum_t psi_t, which the
+        kernel counts once for all of them."""
+        if self._weights is None:  # the layout: varying weightings first, then constant ones
+            names = [n for n, w in weights if not _constant(w)] + \
+                    [n for n, w in weights if _constant(w)]
             self._weights = self._new(names)
+            self._n_varying = len(names) - sum(_constant(w) for _, w in weights)
         sums = self._weights
-        if names != sums.names:
-            raise ValueError(f"each piece must hold the weights of {sums.names}, got {names}")
+        by_name = dict(weights)
+        if len(by_name) != len(weights) or set(by_name) != set(sums.names):
+            raise ValueError(f"each piece must hold the weights of {sums.names}, "
+                             f"got {[name for name, _ in weights]}")
         self._check(batch.n)
-        W = numba.typed.List([w.to(torch.float64).contiguous().numpy() for _, w in weights])
+        varying = sums.names[: self._n_varying]
+        constant = sums.names[self._n_varying:]
+        if not all(_constant(by_name[n]) for n in constant):
+            bad = next(n for n in constant if not _constant(by_name[n]))
+            raise ValueError(f"{bad}: its weights were constant along each trajectory in an "
+                             f"earlier piece but not in this one")
+        W = numba.typed.List([by_name[n].to(torch.float64).contiguous().numpy() for n in varying])
+        if not varying:
+            W = numba.typed.List.empty_list(numba.float64[:, ::1])
+        Cw = np.empty((batch.n, len(constant)))
+        for k, n in enumerate(constant):
+            Cw[:, k] = by_name[n][:, 0].to(torch.float64).numpy()
         B = self.template.batch_size
-        _fold_weights(W, batch.states.numpy(), batch.actions.numpy(), batch.lengths.numpy(),
+        _fold_weights(W, Cw, batch.states.numpy(), batch.actions.numpy(), batch.lengths.numpy(),
                       self._pi, sums.count, first_traj // B, sums.batches_done, self._consts,
                       sums.scratch(), sums.outputs())
         sums.batches_done += batch.n // B
@@ -149,17 +172,20 @@ _TRAJ, _BATCH = 0, 1
 
 
 @numba.njit(nogil=True, cache=True)
-def _fold_weights(W, states, actions, lengths, pi, count, batch0, done0, consts, scratch,
+def _fold_weights(W, Cw, states, actions, lengths, pi, count, batch0, done0, consts, scratch,
                   out):  # pragma: no cover - compiled
-    """X_i of every weighting from its step weights W[e] [n, T], added to the batch's running sum:
-    C_i[s, a] = the sum of w_it over the steps at (s, a) (count [P, E], zeros between
-    trajectories), X_i[s, .] = C_i[s, .] - pi(.|s) sum_a C_i[s, a]."""
+    """X_i of every weighting, added to the batch's running sum. The first len(W) estimators
+    from their step weights W[e] [n, T]: C_i[s, a] = the sum of w_it over the steps at (s, a)
+    (count [P, E + 1], zeros between trajectories), X_i[s, .] = C_i[s, .] - pi(.|s) sum_a
+    C_i[s, a]; the others from one weight per trajectory, Cw [n, k]: X_i = Cw[i, k] times the
+    score sum_t psi_t, which is X_i of the unit weights counted in column len(W)."""
     B = consts[3]
     batch, _, touched, lists, sizes = scratch
     gsq = out[1]
     E, N = len(W), states.shape[0]
+    Ec = Cw.shape[1]
     A = pi.shape[1]
-    sq, row = np.zeros(E), np.zeros(E)
+    sq, row = np.zeros(E + Ec), np.zeros(E + 1)
     cell = np.zeros(states.shape[1], dtype=np.int64)
     for m in range(N // B):
         grp = (batch0 + m) * consts[5] // consts[4]
@@ -169,6 +195,7 @@ def _fold_weights(W, states, actions, lengths, pi, count, batch0, done0, consts,
                 s = states[i, t]
                 _note(touched, lists, sizes, _TRAJ, s)
                 cell[t] = s * A + actions[i, t]
+                count[cell[t], E] += 1.0
             for e in range(E):  # C_i[s, a] = sum of w_it over the steps at (s, a)
                 w = W[e]
                 for t in range(L):
@@ -180,7 +207,7 @@ def _fold_weights(W, states, actions, lengths, pi, count, batch0, done0, consts,
                 _note(touched, lists, sizes, _BATCH, s)
                 row[:] = 0.0
                 for a in range(A):
-                    for e in range(E):
+                    for e in range(E + 1):
                         row[e] += count[s * A + a, e]
                 for a in range(A):
                     j = s * A + a
@@ -190,8 +217,14 @@ def _fold_weights(W, states, actions, lengths, pi, count, batch0, done0, consts,
                         count[j, e] = 0.0
                         sq[e] += x * x
                         batch[j, e] += x
+                    unit = count[j, E] - p * row[E]
+                    count[j, E] = 0.0
+                    for k in range(Ec):
+                        x = Cw[i, k] * unit
+                        sq[E + k] += x * x
+                        batch[j, E + k] += x
             sizes[_TRAJ] = 0
-            for e in range(E):
+            for e in range(E + Ec):
                 gsq[grp, e] += sq[e]
         _close_batch(grp, done0 + m, consts, scratch, out)
 
