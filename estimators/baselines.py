@@ -54,11 +54,11 @@ def exact_value_baseline(ctx: Context):
 def fitted_value_baseline(ctx: Context):
     """w_t = gamma^t (G_t - Vhat(s_t)), Vhat(s) = mean of G_t over the visits to s in the other
     half of the batch (0 for states it never visited)."""
-    G = ctx.reward_to_go
+    G = ctx.reward_to_go  # 0 after the end: padding adds nothing to the sums
     S = ctx.exact.pi.shape[0]
-    key = ctx.half.index_select(0, ctx.step_traj) * S + ctx.step_state  # [L] (fold, state) of each step
-    sums = torch.bincount(key, ctx.steps_of(G), ctx.n_halves * S)
-    visits = torch.bincount(key, minlength=ctx.n_halves * S)
+    key = (ctx.half[:, None] * S + ctx.batch.states).reshape(-1)  # (fold, state) of each entry
+    sums = torch.bincount(key, G.reshape(-1), ctx.n_halves * S)
+    visits = torch.bincount(key, ctx.mask.reshape(-1), ctx.n_halves * S)
     v_hat = sums / visits.clamp(min=1)  # 0 for states the fold never visited
     baseline = ctx.take(v_hat, ctx.other_half[:, None] * S + ctx.batch.states)
     return ctx.discount * (G - baseline)

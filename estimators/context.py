@@ -12,7 +12,7 @@ from suite.core.contraction import BatchContraction, Grads
 from suite.core.exact import ExactSolution
 from suite.core.mdp import MDP
 from suite.core.sampler import Batch
-from suite.core.scan import sum_to_go
+from suite.core.scan import sum_to_go, td_errors
 
 __all__ = ["Context"]
 
@@ -104,11 +104,15 @@ class Context:
             self.cache[key] = (Q, self.take(Q[: self.T], self._ts * A + self.batch.actions))
         return self.cache[key][1]
 
-    def next_value(self, V: Tensor) -> Tensor:
-        """V[t+1, s_{t+1}] if step t+1 happened, else 0 (termination or horizon), shape [N, T]."""
-        nxt = torch.zeros_like(self.batch.rewards)
-        nxt[:, :-1] = self.value_at(V)[:, 1:] * self.mask[:, 1:]
-        return nxt
+    def td_errors(self, V: Tensor) -> Tensor:
+        """delta_t = r_t + gamma V[t+1, s_{t+1}] - V[t, s_t] for a critic table V [>= T+1, S],
+        the bootstrap 0 where step t+1 did not happen, delta 0 after the end; [N, T] (cached per
+        table)."""
+        key = ("td_errors", id(V))
+        if key not in self.cache:
+            b = self.batch
+            self.cache[key] = (V, td_errors(b.rewards, b.states, b.lengths, V, self.gamma))
+        return self.cache[key][1]
 
     def batch_sum(self, x: Tensor) -> Tensor:
         """sum over each trajectory's batch, broadcast back: shape of x [N, ...]."""

@@ -74,12 +74,14 @@ def gae(ctx: Context, lam: float, critic: str = "exact", sigma: float = 0.0, see
 def gae_advantages(ctx: Context, lam: float, critic: str = "exact", sigma: float = 0.0,
                    seed: int = 0):
     """The GAE advantages sum_{l>=0} (gamma lambda)^l delta_{t+l} themselves, [N, T] (no gamma^t)."""
-    key = ("td_errors", critic, sigma, seed)
-    if key not in ctx.cache:  # shared by the GAE variants that use the same critic
-        V = critic_table(ctx.exact.V, critic, sigma, seed)
-        ctx.cache[key] = (ctx.batch.rewards + ctx.gamma * ctx.next_value(V) - ctx.value_at(V)) \
-            * ctx.mask  # delta = 0 after the end, so the sums to go stop there
-    return ctx.discounted_sum_to_go(ctx.cache[key], ctx.gamma * lam)
+    key = ("gae_advantages", lam, critic, sigma, seed)
+    if key not in ctx.cache:  # shared by the estimators that use the same GAE
+        table = ("critic", critic, sigma, seed)
+        if table not in ctx.shared:  # a fixed table: made once per problem
+            ctx.shared[table] = critic_table(ctx.exact.V, critic, sigma, seed)
+        delta = ctx.td_errors(ctx.shared[table])  # 0 after the end: the sums to go stop there
+        ctx.cache[key] = ctx.discounted_sum_to_go(delta, ctx.gamma * lam)
+    return ctx.cache[key]
 
 
 def gae_form(m: MomentModel, lam: float, critic: str = "exact", sigma: float = 0.0,

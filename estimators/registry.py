@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from suite.core.contraction import Grads
+from suite.core.contraction import Grads, SingleSteps
 from suite.core.errors import InputError, unknown_name
 from suite.core.moments import Form, MomentModel, NoExact
 from suite.core.specs import parse_spec
@@ -79,18 +79,23 @@ class Estimator:
         return _as_weights(out, expectation, generator or ctx.generator)
 
     def output(self, ctx: Context, expectation: bool = False,
-               generator: torch.Generator | None = None) -> torch.Tensor | Grads:
+               generator: torch.Generator | None = None,
+               sparse: bool = False) -> torch.Tensor | SingleSteps | Grads:
         """Step weights w [N, T] (of a weighting or a drawn single step), or the gradients of an
-        estimator that returns them (see ``weights``)."""
+        estimator that returns them (see ``weights``); with ``sparse``, a drawn single step as
+        SingleSteps (the same draw)."""
         out = self.fn(ctx)
         if isinstance(out, Grads):
             return out
+        if sparse and isinstance(out, StepDraw) and not expectation:
+            return _draw_steps(out.q, out.c, generator or ctx.generator)
         return _as_weights(out, expectation, generator or ctx.generator)
 
     def gradients(self, ctx: Context, expectation: bool = False,
                   generator: torch.Generator | None = None) -> Grads:
         """Per-trajectory gradients on ctx's batch (see ``weights``)."""
         out = self.output(ctx, expectation, generator)
+        assert not isinstance(out, SingleSteps)  # only with sparse=True
         return out if isinstance(out, Grads) else ctx.score(out)
 
 
@@ -107,11 +112,16 @@ def _as_weights(out: torch.Tensor | StepDraw, expectation: bool,
 def _draw_single_step(q: torch.Tensor, c: torch.Tensor,
                       gen: torch.Generator | None) -> torch.Tensor:
     """Weights that are c_it* at one t* ~ q_i and 0 elsewhere (0 everywhere w.p. 1 - sum q_i)."""
+    return _draw_steps(q, c, gen).weights(q.shape[1])
+
+
+def _draw_steps(q: torch.Tensor, c: torch.Tensor, gen: torch.Generator | None) -> SingleSteps:
+    """One t* ~ q_i per trajectory and its weight c_it* (none w.p. 1 - sum q_i)."""
     u = torch.rand(q.shape[0], 1, generator=gen, dtype=q.dtype, device=q.device)
     t_star = torch.searchsorted(q.cumsum(1), u, right=True)  # [N, 1]: number of cdf values <= u
     drawn = t_star < q.shape[1]  # False when u falls in the "no step" mass
     t_star = t_star.clamp(max=q.shape[1] - 1)
-    return torch.zeros_like(c).scatter_(1, t_star, c.gather(1, t_star) * drawn)
+    return SingleSteps(torch.where(drawn, t_star, -1)[:, 0], (c.gather(1, t_star) * drawn)[:, 0])
 
 
 REGISTRY: dict[str, Estimator] = {}

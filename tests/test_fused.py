@@ -14,7 +14,7 @@ from suite.core.exact import solve
 from suite.core.fused import FusedMoments
 from suite.core.policies import random_policy
 from suite.core.sampler import ChunkSampler
-from suite.core.scan import sum_to_go, sum_to_go_torch
+from suite.core.scan import sum_to_go, sum_to_go_torch, td_errors, td_errors_torch
 from suite.core.stats import SUMS, ChunkIndex, Moments, block_factors
 from suite.harness.measure import measure
 from suite.harness.problem import make_policy
@@ -152,6 +152,28 @@ def test_constant_weights_fold_as_a_multiple_of_the_score():
         again.add_weights([("c", expanded[100:].contiguous())], batch.rows(100, 200), 100)
 
 
+@pytest.mark.parametrize("name", ["final_formula_single_step", "pgt_state_sampling"])
+def test_single_steps_are_the_same_draw_and_fold_like_their_weights(name):
+    """A drawn single step kept sparse (SingleSteps) is the draw of the dense weights, from the
+    same generator, and the kernel folds it to the same sums."""
+    n, B = 200, 4
+    sol, template, batch, con = _setup(n, B, factors=[1, 5])
+    ctx = Context(batch, 0.9, sol, con.for_batch(batch), B)
+    est = estimators.get(name)
+    sparse = est.output(ctx, generator=torch.Generator().manual_seed(8), sparse=True)
+    dense = est.output(ctx, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(sparse.weights(batch.states.shape[1]), dense)
+    assert int((sparse.t >= 0).sum()) > n // 2  # most trajectories drew a step
+    fast = FusedMoments(template, con.pi, sol.grad)
+    fast.add_weights([("s", sparse), ("v", dense * 2.0)], batch, 0)
+    slow = FusedMoments(template, con.pi, sol.grad)
+    slow.add_weights([("s", dense), ("v", dense * 2.0)], batch, 0)
+    out, ref = fast.finish(0, n), slow.finish(0, n)
+    _close(out["s"], ref["s"], rtol=1e-12)
+    with pytest.raises(AssertionError):  # must fail: twice the weights give other sums
+        _close(out["s"], ref["v"])
+
+
 @pytest.mark.parametrize("factor", [0.0, 0.3, 0.99, 1.0, 1e-6])
 def test_backward_scan_equals_the_torch_sums_to_go(factor):
     """One pass y_t = x_t + f y_{t+1} on the CPU; the power-scaled cumulative sum (or, for a
@@ -162,3 +184,28 @@ def test_backward_scan_equals_the_torch_sums_to_go(factor):
     direct = torch.stack([(x[:, t:] * factor ** torch.arange(60 - t, dtype=torch.float64)).sum(1)
                           for t in range(60)], 1)
     np.testing.assert_allclose(fast.numpy(), direct.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_td_errors_compiled_equal_torch_and_the_definition():
+    """delta_t = r_t + gamma V[t+1, s_{t+1}] - V[t, s_t], the bootstrap 0 at the last step and
+    delta 0 after the end: the compiled pass, the torch code and a plain loop agree."""
+    gen = torch.Generator().manual_seed(7)
+    N, T, S, gamma = 23, 17, 5, 0.9
+    states = torch.randint(0, S, (N, T), generator=gen)
+    lengths = torch.randint(1, T + 1, (N,), generator=gen)
+    lengths[0] = T  # one trajectory reaches the horizon
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    rewards = torch.randn(N, T, dtype=torch.float64, generator=gen) * mask
+    V = torch.randn(T + 1, S, dtype=torch.float64, generator=gen)
+    fast = td_errors(rewards, states, lengths, V, gamma)
+    slow = td_errors_torch(rewards, states, lengths, V, gamma)
+    direct = torch.zeros(N, T, dtype=torch.float64)
+    for i in range(N):
+        L = int(lengths[i])
+        for t in range(L):
+            nxt = float(V[t + 1, states[i, t + 1]]) if t + 1 < L else 0.0
+            direct[i, t] = float(rewards[i, t]) + gamma * nxt - float(V[t, states[i, t]])
+    torch.testing.assert_close(fast, direct, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(slow, direct, rtol=1e-14, atol=1e-14)
+    with pytest.raises(AssertionError):  # must fail: another discount gives other errors
+        torch.testing.assert_close(td_errors(rewards, states, lengths, V, 0.5), direct)

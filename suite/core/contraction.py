@@ -28,7 +28,7 @@ from .policies import Policy
 from .rows import pi_rows_grad, pi_table_grad, score_rows, visited_rows
 from .sampler import Batch
 
-__all__ = ["BatchContraction", "Contraction", "DenseGrads", "Grads", "RowGrads"]
+__all__ = ["BatchContraction", "Contraction", "DenseGrads", "Grads", "RowGrads", "SingleSteps"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,21 @@ class _Rows:
             hit = (group, (rows[:, None] * self.A + a).reshape(-1))
             self._group_entries[id(group)] = hit
         return hit[1]
+
+
+@dataclass(frozen=True)
+class SingleSteps:
+    """A weighting with at most one step per trajectory: w_it = c_i at t = t_i, 0 elsewhere
+    (t_i = -1: no step, c_i = 0). A drawn single step, kept sparse: the compiled kernels count
+    it without the [N, T] tensor of zeros that ``weights`` builds."""
+
+    t: Tensor  # [N] int64, the step of each trajectory, -1 where none
+    c: Tensor  # [N] its weight
+
+    def weights(self, T: int) -> Tensor:
+        """The same weighting as a tensor [N, T]."""
+        dense = torch.zeros(self.t.shape[0], T, dtype=self.c.dtype, device=self.c.device)
+        return dense.scatter_(1, self.t.clamp(min=0)[:, None], self.c[:, None])
 
 
 class Grads(ABC):

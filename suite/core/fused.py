@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .contraction import Grads, RowGrads
+from .contraction import Grads, RowGrads, SingleSteps
 from .sampler import Batch
 from .stats import ChunkIndex, Moments
 
@@ -44,8 +44,8 @@ class _Sums:
         self.gsq, self.gbsq = np.zeros((K, E)), np.zeros((K, E))
         self.gu = np.zeros((3, K, E))  # sums of y^2, y^3, y^4
         self.blocks = np.zeros((F, 6, E))
-        self.count = np.zeros((P, E + 1))  # one trajectory's counts C_i (weightings only; the
-        #                                    column after the varying ones counts the steps)
+        self.count = np.zeros((P, E + 1))  # one trajectory's counts C_i (weightings only: the
+        #                                    columns of _fold_weights)
         self.batch = np.zeros((P, E))  # the batch's sum of X_i
         self.level = np.zeros((F, P, E))  # the running block sum of each level
         self.touched = np.zeros((F + 2, S), dtype=np.bool_)  # rows: trajectory, batch, levels
@@ -60,9 +60,23 @@ class _Sums:
         return self.batch, self.level, self.touched, self.states, self.sizes
 
 
-def _constant(w: Tensor) -> bool:
-    """True if the weights w [n, T] are one value per trajectory, repeated along time."""
-    return w.shape[1] == 1 or w.stride(1) == 0
+_KINDS = {"varying": "varying", "steps": "single steps",
+          "constant": "constant along each trajectory"}
+
+
+def _kind(w: Tensor | SingleSteps) -> str:
+    """How the kernel takes a weighting: SingleSteps; one value per trajectory repeated along
+    time (a column expanded: stride 0); or varying."""
+    if isinstance(w, SingleSteps):
+        return "steps"
+    return "constant" if w.shape[1] == 1 or w.stride(1) == 0 else "varying"
+
+
+def _dense(w: Tensor | SingleSteps, T: int) -> np.ndarray:
+    """Weights [n, T] as a float64 NumPy array (the kernels' input)."""
+    if isinstance(w, SingleSteps):
+        w = w.weights(T)
+    return w.to(torch.float64).contiguous().numpy()
 
 
 class FusedMoments:
@@ -91,39 +105,46 @@ class FusedMoments:
             raise ValueError(f"a piece must hold whole batches of {self.template.batch_size}, "
                              f"got {n} trajectories")
 
-    def add_weights(self, weights: list[tuple[str, Tensor]], batch: Batch, first_traj: int) -> None:
+    def add_weights(self, weights: list[tuple[str, Tensor | SingleSteps]], batch: Batch,
+                    first_traj: int) -> None:
         """Fold one piece of weightings: each estimator's w [n, T] (entries past an episode's
-        end are ignored) on trajectories first_traj .. first_traj + n - 1, in order after the
-        previous piece. A weighting that is constant along each trajectory (a [n, 1] column
-        expanded, stride 0) is folded as that constant times the score sum_t psi_t, which the
-        kernel counts once for all of them."""
-        if self._weights is None:  # the layout: varying weightings first, then constant ones
-            names = [n for n, w in weights if not _constant(w)] + \
-                    [n for n, w in weights if _constant(w)]
-            self._weights = self._new(names)
-            self._n_varying = len(names) - sum(_constant(w) for _, w in weights)
+        end are ignored) or SingleSteps on trajectories first_traj .. first_traj + n - 1, in
+        order after the previous piece. A weighting that is constant along each trajectory (a
+        [n, 1] column expanded, stride 0) is folded as that constant times the score
+        sum_t psi_t, which the kernel counts once for all of them."""
+        kinds = {name: _kind(w) for name, w in weights}
+        if self._weights is None:  # the layout: varying weightings, single steps, constants
+            self._weights = self._new([n for k in _KINDS for n, _ in weights if kinds[n] == k])
+            self._layout = {k: [n for n in self._weights.names if kinds[n] == k] for k in _KINDS}
         sums = self._weights
         by_name = dict(weights)
         if len(by_name) != len(weights) or set(by_name) != set(sums.names):
             raise ValueError(f"each piece must hold the weights of {sums.names}, "
                              f"got {[name for name, _ in weights]}")
         self._check(batch.n)
-        varying = sums.names[: self._n_varying]
-        constant = sums.names[self._n_varying:]
-        if not all(_constant(by_name[n]) for n in constant):
-            bad = next(n for n in constant if not _constant(by_name[n]))
-            raise ValueError(f"{bad}: its weights were constant along each trajectory in an "
-                             f"earlier piece but not in this one")
-        W = numba.typed.List([by_name[n].to(torch.float64).contiguous().numpy() for n in varying])
-        if not varying:
-            W = numba.typed.List.empty_list(numba.float64[:, ::1])
-        Cw = np.empty((batch.n, len(constant)))
-        for k, n in enumerate(constant):
-            Cw[:, k] = by_name[n][:, 0].to(torch.float64).numpy()
+        for kind in ("steps", "constant"):  # a varying one may come as any kind
+            bad = [n for n in self._layout[kind] if kinds[n] != kind]
+            if bad:
+                raise ValueError(f"{bad[0]}: its weights were {_KINDS[kind]} in an earlier "
+                                 f"piece but not in this one")
+        T = batch.states.shape[1]
+        W = numba.typed.List([_dense(by_name[n], T) for n in self._layout["varying"]]) \
+            if self._layout["varying"] else numba.typed.List.empty_list(numba.float64[:, ::1])
+        steps = [by_name[n] for n in self._layout["steps"]]
+        Ts, Cs = np.empty((batch.n, len(steps)), dtype=np.int64), np.empty((batch.n, len(steps)))
+        for k, st in enumerate(steps):
+            assert isinstance(st, SingleSteps)  # checked above
+            Ts[:, k] = st.t.numpy()
+            Cs[:, k] = st.c.to(torch.float64).numpy()
+        Cw = np.empty((batch.n, len(self._layout["constant"])))
+        for k, n in enumerate(self._layout["constant"]):
+            w = by_name[n]
+            assert isinstance(w, Tensor)  # checked above
+            Cw[:, k] = w[:, 0].to(torch.float64).numpy()
         B = self.template.batch_size
-        _fold_weights(W, Cw, batch.states.numpy(), batch.actions.numpy(), batch.lengths.numpy(),
-                      self._pi, sums.count, first_traj // B, sums.batches_done, self._consts,
-                      sums.scratch(), sums.outputs())
+        _fold_weights(W, Ts, Cs, Cw, batch.states.numpy(), batch.actions.numpy(),
+                      batch.lengths.numpy(), self._pi, sums.count, first_traj // B,
+                      sums.batches_done, self._consts, sums.scratch(), sums.outputs())
         sums.batches_done += batch.n // B
 
     def add_grads(self, name: str, grads: Grads, first_traj: int) -> None:
@@ -172,20 +193,21 @@ _TRAJ, _BATCH = 0, 1
 
 
 @numba.njit(nogil=True, cache=True)
-def _fold_weights(W, Cw, states, actions, lengths, pi, count, batch0, done0, consts, scratch,
-                  out):  # pragma: no cover - compiled
-    """X_i of every weighting, added to the batch's running sum. The first len(W) estimators
-    from their step weights W[e] [n, T]: C_i[s, a] = the sum of w_it over the steps at (s, a)
-    (count [P, E + 1], zeros between trajectories), X_i[s, .] = C_i[s, .] - pi(.|s) sum_a
-    C_i[s, a]; the others from one weight per trajectory, Cw [n, k]: X_i = Cw[i, k] times the
-    score sum_t psi_t, which is X_i of the unit weights counted in column len(W)."""
+def _fold_weights(W, Ts, Cs, Cw, states, actions, lengths, pi, count, batch0, done0, consts,
+                  scratch, out):  # pragma: no cover - compiled
+    """X_i of every weighting, added to the batch's running sum; estimators in the order: E
+    varying ones, Es single steps, Ec constant ones. C_i[s, a] = the sum of w_it over the steps
+    at (s, a), X_i[s, .] = C_i[s, .] - pi(.|s) sum_a C_i[s, a]. Count columns: W[e] [n, T]
+    for e < E; at E the unit weights (the score); at E + 1 + k the single step Ts[i, k] with
+    weight Cs[i, k] (Ts = -1: none). A constant weighting Cw[i, k] is that times the score."""
     B = consts[3]
     batch, _, touched, lists, sizes = scratch
     gsq = out[1]
     E, N = len(W), states.shape[0]
-    Ec = Cw.shape[1]
+    Es, Ec = Ts.shape[1], Cw.shape[1]
+    C = E + 1 + Es  # count columns
     A = pi.shape[1]
-    sq, row = np.zeros(E + Ec), np.zeros(E + 1)
+    sq, row, x = np.zeros(E + Es + Ec), np.zeros(C), np.zeros(C)
     cell = np.zeros(states.shape[1], dtype=np.int64)
     for m in range(N // B):
         grp = (batch0 + m) * consts[5] // consts[4]
@@ -200,6 +222,10 @@ def _fold_weights(W, Cw, states, actions, lengths, pi, count, batch0, done0, con
                 w = W[e]
                 for t in range(L):
                     count[cell[t], e] += w[i, t]
+            for k in range(Es):
+                t = Ts[i, k]
+                if 0 <= t < L:
+                    count[cell[t], E + 1 + k] += Cs[i, k]
             sq[:] = 0.0
             for q in range(sizes[_TRAJ]):  # X_i[s, .] = C_i[s, .] - pi(.|s) sum_a C_i[s, a]
                 s = lists[_TRAJ, q]
@@ -207,24 +233,27 @@ def _fold_weights(W, Cw, states, actions, lengths, pi, count, batch0, done0, con
                 _note(touched, lists, sizes, _BATCH, s)
                 row[:] = 0.0
                 for a in range(A):
-                    for e in range(E + 1):
-                        row[e] += count[s * A + a, e]
+                    for c in range(C):
+                        row[c] += count[s * A + a, c]
                 for a in range(A):
                     j = s * A + a
                     p = pi[s, a]
+                    for c in range(C):
+                        x[c] = count[j, c] - p * row[c]
+                        count[j, c] = 0.0
                     for e in range(E):
-                        x = count[j, e] - p * row[e]
-                        count[j, e] = 0.0
-                        sq[e] += x * x
-                        batch[j, e] += x
-                    unit = count[j, E] - p * row[E]
-                    count[j, E] = 0.0
+                        sq[e] += x[e] * x[e]
+                        batch[j, e] += x[e]
+                    for k in range(Es):
+                        v = x[E + 1 + k]
+                        sq[E + k] += v * v
+                        batch[j, E + k] += v
                     for k in range(Ec):
-                        x = Cw[i, k] * unit
-                        sq[E + k] += x * x
-                        batch[j, E + k] += x
+                        v = Cw[i, k] * x[E]
+                        sq[E + Es + k] += v * v
+                        batch[j, E + Es + k] += v
             sizes[_TRAJ] = 0
-            for e in range(E + Ec):
+            for e in range(E + Es + Ec):
                 gsq[grp, e] += sq[e]
         _close_batch(grp, done0 + m, consts, scratch, out)
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["sum_to_go"]
+__all__ = ["sum_to_go", "td_errors"]
 
 
 def sum_to_go(x: Tensor, factor: float) -> Tensor:
@@ -44,6 +44,47 @@ def sum_to_go_torch(x: Tensor, factor: float) -> Tensor:
     kernel = torch.where(lag >= 0, base ** lag.clamp(min=0).to(x.dtype),
                          torch.zeros((), dtype=x.dtype, device=x.device))
     return x @ kernel
+
+
+def td_errors(rewards: Tensor, states: Tensor, lengths: Tensor, V: Tensor, gamma: float) -> Tensor:
+    """delta_t = r_t + gamma V[t+1, s_{t+1}] - V[t, s_t] on the steps that happened (the
+    bootstrap term 0 at an episode's last step: termination or the horizon), 0 after the end;
+    rewards, states [N, T], lengths [N], a critic table V [>= T, S]. On the CPU one compiled
+    pass, elsewhere torch."""
+    if rewards.device.type == "cpu" and rewards.dtype == torch.float64:
+        out = torch.empty(rewards.shape, dtype=torch.float64)
+        _td_errors(rewards.numpy(), states.numpy(), lengths.numpy(),
+                   V.to(torch.float64).contiguous().numpy(), float(gamma), out.numpy())
+        return out
+    return td_errors_torch(rewards, states, lengths, V, gamma)
+
+
+def td_errors_torch(rewards: Tensor, states: Tensor, lengths: Tensor, V: Tensor,
+                    gamma: float) -> Tensor:
+    """The same with torch operations (any device)."""
+    T = rewards.shape[1]
+    mask = (torch.arange(T, device=rewards.device) < lengths[:, None]).to(rewards.dtype)
+    S = V.shape[1]
+    ts = torch.arange(T, device=rewards.device) * S + states  # [N, T] entry of V [T, S]
+    v = V[:T].reshape(-1).index_select(0, ts.reshape(-1)).view(ts.shape) * mask
+    nxt = torch.zeros_like(rewards)
+    nxt[:, :-1] = v[:, 1:]  # 0 where step t+1 did not happen (masked above)
+    return (rewards + gamma * nxt - v) * mask
+
+
+@numba.njit(nogil=True, cache=True)
+def _td_errors(r, states, lengths, V, gamma, out):  # pragma: no cover - compiled
+    N, T = r.shape
+    for i in range(N):
+        L = lengths[i]
+        nxt = 0.0  # V[t+1, s_{t+1}], 0 past the last step
+        for t in range(T - 1, -1, -1):
+            if t >= L:
+                out[i, t] = 0.0
+                continue
+            v = V[t, states[i, t]]
+            out[i, t] = r[i, t] + gamma * nxt - v
+            nxt = v
 
 
 @numba.njit(nogil=True, cache=True)

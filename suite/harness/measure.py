@@ -14,7 +14,7 @@ import torch
 
 from estimators import Context
 
-from ..core.contraction import Contraction, Grads
+from ..core.contraction import Contraction, Grads, SingleSteps
 from ..core.errors import InputError
 from ..core.exact import ExactSolution
 from ..core.fused import FusedMoments
@@ -63,8 +63,8 @@ def check_sizes(n: int, batch_size: int, estimators) -> None:
 
 STEPS_PER_PIECE = 512_000  # trajectories x horizon handled by the estimators at once (cache-sized)
 CUDA_STEPS_PER_PIECE = 32_000_000  # the same on a GPU: large, so each operation fills the device
-FUSED_STEPS_PER_PIECE = 128_000  # the same when the compiled kernels fold the sums (any whole
-#                                  number of batches will do: smaller, so the weights stay in cache)
+FUSED_STEPS_PER_PIECE = 256_000  # the same when the compiled kernels fold the sums (any whole
+#                                  number of batches will do; 128k and 512k measured slower)
 
 
 def chunk_sizes(n: int, horizon: int, block: int,
@@ -195,7 +195,7 @@ class _Run:
                           mdp=self.mdp, problem_cache=self.problem_cache)
             index, weights = None, []
             for est in self.estimators:
-                out = est.output(ctx, generator=gens[est.name])
+                out = est.output(ctx, generator=gens[est.name], sparse=fused is not None)
                 if fused is not None:
                     if isinstance(out, Grads):
                         fused.add_grads(est.name, out, first)
@@ -204,6 +204,7 @@ class _Run:
                     continue
                 index = index or ChunkIndex.build(first, batch.n, B, self.template.n_batches,
                                                   self.sampler.device)
+                assert not isinstance(out, SingleSteps)  # only with sparse=True
                 grads = out if isinstance(out, Grads) else ctx.score(out)
                 partial[est.name].add(grads, first, self.exact.grad, index)
             if fused is not None and weights:
