@@ -32,6 +32,7 @@ def _close(a: Moments, b: Moments, rtol: float = 1e-11) -> None:
 @pytest.mark.parametrize("env,spec,B,n,shared", [
     ("FrozenLake-v1", "trained:fraction=0.5", 10, 20_000, False),
     ("CliffWalking-v1", "uniform", 4, 4_000, False),
+    ("FrozenLake-v1", "uniform", 40, 4_000, False),  # batches of several blocks of 16
     ("tokens:vocab=3,max_len=3,prompts=2", "uniform", 4, 4_000, True),
 ])
 def test_fused_sums_equal_the_torch_path(env, spec, B, n, shared):

@@ -190,9 +190,14 @@ class FusedMoments:
 # Row 0 of touched / states / sizes lists the states of the current trajectory, row 1 those of
 # the batch, row 2 + f those of level f's running block.
 _TRAJ, _BATCH = 0, 1
+# Let LLVM reorder sums (and fuse multiply-adds) so the loops over estimators run in vector
+# registers: a quarter of the kernels' time. NaN and infinity keep their meaning (no "nnan",
+# "ninf"); the order of additions may change, within the float64 rounding the tests allow.
+_FASTMATH = {"reassoc", "contract"}
+_BLOCK = 16  # trajectories whose weights _fold_weights copies at a time
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
 def _fold_weights(W, Ts, Cs, Cw, states, actions, lengths, pi, count, batch0, done0, consts,
                   scratch, out):  # pragma: no cover - compiled
     """X_i of every weighting, added to the batch's running sum; estimators in the order: E
@@ -209,19 +214,28 @@ def _fold_weights(W, Ts, Cs, Cw, states, actions, lengths, pi, count, batch0, do
     A = pi.shape[1]
     sq, row, x = np.zeros(E + Es + Ec), np.zeros(C), np.zeros(C)
     cell = np.zeros(states.shape[1], dtype=np.int64)
+    T = states.shape[1]
+    step_w = np.empty((_BLOCK * T, E))  # weights of a block of trajectories, estimators innermost
     for m in range(N // B):
         grp = (batch0 + m) * consts[5] // consts[4]
         for i in range(m * B, m * B + B):
+            k = (i - m * B) % _BLOCK
+            if k == 0:  # copy the next block's weights: each W[e] read in one stretch
+                for e in range(E):
+                    w = W[e]
+                    for kk in range(min(_BLOCK, m * B + B - i)):
+                        for t in range(lengths[i + kk]):
+                            step_w[kk * T + t, e] = w[i + kk, t]
             L = lengths[i]
             for t in range(L):
                 s = states[i, t]
                 _note(touched, lists, sizes, _TRAJ, s)
                 cell[t] = s * A + actions[i, t]
                 count[cell[t], E] += 1.0
-            for e in range(E):  # C_i[s, a] = sum of w_it over the steps at (s, a)
-                w = W[e]
-                for t in range(L):
-                    count[cell[t], e] += w[i, t]
+            for t in range(L):  # C_i[s, a] = sum of w_it over the steps at (s, a)
+                c = cell[t]
+                for e in range(E):
+                    count[c, e] += step_w[k * T + t, e]
             for k in range(Es):
                 t = Ts[i, k]
                 if 0 <= t < L:
@@ -258,7 +272,7 @@ def _fold_weights(W, Ts, Cs, Cw, states, actions, lengths, pi, count, batch0, do
         _close_batch(grp, done0 + m, consts, scratch, out)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
 def _fold_rows(values, row_traj, row_state, N, batch0, done0, consts, scratch,
                out):  # pragma: no cover - compiled
     """X_i of one estimator from its rows (values [V, A] at (row_traj, row_state), rows in
@@ -284,7 +298,7 @@ def _fold_rows(values, row_traj, row_state, N, batch0, done0, consts, scratch,
         _close_batch(grp, done0 + m, consts, scratch, out)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
 def _close_batch(grp, mc, consts, scratch, out):  # pragma: no cover - compiled
     """The batch's statistics (|sum|^2, the component along g, the group sums) and its place in
     the blocks: level f sums factors[f] / factors[f-1] complete blocks of the level below (the
@@ -355,7 +369,7 @@ def _close_batch(grp, mc, consts, scratch, out):  # pragma: no cover - compiled
         _clear(level[F - 1], touched, lists, sizes, src_row, A)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
 def _add_blocks(blocks, f, ssq, dot, scale, g_sq):  # pragma: no cover - compiled
     """Add one block of every estimator to blocks [F, 6, E] (count, relsq, relsq^2, cos, cos^2,
     sign, as in stats.Moments): ssq [E] and dot [E] are |sum|^2 and sum . g of the block's sum,
@@ -377,7 +391,7 @@ def _add_blocks(blocks, f, ssq, dot, scale, g_sq):  # pragma: no cover - compile
             blocks[f, 5, e] += 1.0
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
 def _note(touched, lists, sizes, row, s):  # pragma: no cover - compiled
     """Add state s to the list of row (once)."""
     if not touched[row, s]:
@@ -386,7 +400,7 @@ def _note(touched, lists, sizes, row, s):  # pragma: no cover - compiled
         sizes[row] += 1
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
 def _clear(table, touched, lists, sizes, row, A):  # pragma: no cover - compiled
     """Zero the entries of table [P, E] at the states listed in row, and empty the list."""
     for q in range(sizes[row]):
