@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from suite.core.contraction import Contraction
+from suite.core.contraction import Contraction, RowGrads
 from suite.core.envs import make_mdp
 from suite.core.policies import mlp, random_policy
 from suite.core.sampler import sample
@@ -109,6 +109,14 @@ def test_compiled_rows_agree_with_the_torch_indexing(env):
     for x, y in [(fast.score(w), slow.score(w)), (fast.pi_grad(c), slow.pi_grad(c)),
                  (fast.pi_grad_table(D), slow.pi_grad_table(D))]:
         assert torch.allclose(x.values, y.values, rtol=1e-12, atol=1e-12)
+    grads, group = fast.score(w), torch.arange(batch.n) % 5
+    single = RowGrads(grads.values.float(), grads.rows)  # float32: the torch operations
+    b = torch.randn(5, mdp.n_states * mdp.n_actions, dtype=torch.float64, generator=gen)
+    cn = torch.randn(batch.n, dtype=torch.float64, generator=gen)
+    for x, y in [(grads.group_sum(group, 5), single.group_sum(group, 5)),
+                 (grads.times_traj(cn).values, single.times_traj(cn.float()).values),
+                 (grads.times_param(b, group).values, single.times_param(b.float(), group).values)]:
+        assert torch.allclose(x, y.double(), rtol=1e-5, atol=1e-5)
     moved = base.for_batch(batch)  # a must-fail case: another batch's weights disagree
     other = torch.randn(batch.states.shape, dtype=torch.float64, generator=gen)
     assert not torch.allclose(moved.score(other).values, slow.score(w).values)

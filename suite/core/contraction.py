@@ -25,7 +25,15 @@ import torch
 from torch import Tensor
 
 from .policies import Policy
-from .rows import pi_rows_grad, pi_table_grad, score_rows, visited_rows
+from .rows import (
+    group_rows_sum,
+    pi_rows_grad,
+    pi_table_grad,
+    rows_times_param,
+    rows_times_traj,
+    score_rows,
+    visited_rows,
+)
 from .sampler import Batch
 
 __all__ = ["BatchContraction", "Contraction", "DenseGrads", "Grads", "RowGrads", "SingleSteps"]
@@ -141,16 +149,33 @@ class RowGrads(Grads):
         out = torch.zeros(self.rows.n, dtype=self.values.dtype, device=self.values.device)
         return out.index_add_(0, self.rows.row_traj, self.rows.row_sums(self.values.square()))
 
+    @property
+    def _compiled(self) -> bool:
+        """float64 on the CPU: one compiled pass per operation (suite.core.rows)."""
+        return self.values.device.type == "cpu" and self.values.dtype == torch.float64
+
     def group_sum(self, group: Tensor, n_groups: int) -> Tensor:
-        S, A = self.rows.S, self.rows.A
-        return torch.bincount(self.rows.group_entries(group), self.values.reshape(-1),
-                              n_groups * S * A).reshape(n_groups, S * A)
+        r = self.rows
+        if self._compiled:
+            return torch.from_numpy(group_rows_sum(
+                self.values.contiguous().numpy(), r.row_traj.numpy(), r.row_state.numpy(),
+                group.numpy(), n_groups, r.S))
+        return torch.bincount(r.group_entries(group), self.values.reshape(-1),
+                              n_groups * r.S * r.A).reshape(n_groups, r.S * r.A)
 
     def times_traj(self, c: Tensor) -> RowGrads:
-        return RowGrads(self.values * c.index_select(0, self.rows.row_traj)[:, None], self.rows)
+        r = self.rows
+        if self._compiled and c.dtype == torch.float64:
+            return RowGrads(torch.from_numpy(rows_times_traj(
+                self.values.contiguous().numpy(), r.row_traj.numpy(), c.contiguous().numpy())), r)
+        return RowGrads(self.values * c.index_select(0, r.row_traj)[:, None], r)
 
     def times_param(self, b: Tensor, group: Tensor) -> RowGrads:
         r = self.rows
+        if self._compiled and b.dtype == torch.float64:
+            return RowGrads(torch.from_numpy(rows_times_param(
+                self.values.contiguous().numpy(), r.row_traj.numpy(), r.row_state.numpy(),
+                group.numpy(), b.reshape(b.shape[0], -1).contiguous().numpy())), r)
         at = group.index_select(0, r.row_traj) * r.S + r.row_state  # [V] row of the [G*S, A] table
         return RowGrads(self.values * b.reshape(-1, r.A).index_select(0, at), r)
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["pi_rows_grad", "pi_table_grad", "score_rows", "visited_rows"]
+__all__ = ["group_rows_sum", "pi_rows_grad", "pi_table_grad", "rows_times_param", "rows_times_traj",
+           "score_rows", "visited_rows"]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -112,6 +113,41 @@ def _pi_project(x, row_state, pi):  # pragma: no cover - compiled
         for a in range(pi.shape[1]):
             x[r, a] *= pi[s, a]
     _project(x, row_state, pi)
+
+
+@numba.njit(nogil=True, cache=True)
+def group_rows_sum(values, row_traj, row_state, group, n_groups, S):  # pragma: no cover
+    """[G, S * A] sums of the rows by group of their trajectory (rows added in order)."""
+    A = values.shape[1]
+    out = np.zeros((n_groups, S * A))
+    for r in range(values.shape[0]):
+        g, j = group[row_traj[r]], row_state[r] * A
+        for a in range(A):
+            out[g, j + a] += values[r, a]
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def rows_times_traj(values, row_traj, c):  # pragma: no cover - compiled
+    """values[r, a] * c[trajectory of row r]."""
+    out = np.empty_like(values)
+    for r in range(values.shape[0]):
+        x = c[row_traj[r]]
+        for a in range(values.shape[1]):
+            out[r, a] = values[r, a] * x
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def rows_times_param(values, row_traj, row_state, group, b):  # pragma: no cover - compiled
+    """values[r, a] * b[group of row r's trajectory, (state of row r) * A + a], b [G, S * A]."""
+    A = values.shape[1]
+    out = np.empty_like(values)
+    for r in range(values.shape[0]):
+        g, j = group[row_traj[r]], row_state[r] * A
+        for a in range(A):
+            out[r, a] = values[r, a] * b[g, j + a]
+    return out
 
 
 @numba.njit(nogil=True, cache=True)
