@@ -23,7 +23,7 @@ from ..core.mdp import MDP
 from ..core.policies import Policy
 from ..core.sampler import ChunkSampler, default_chunk_size, resolve_device
 from ..core.stats import SUMS, ChunkIndex, Moments, block_factors, summarize
-from ..core.threads import intra_op_threads
+from ..core.threads import gil_switch_interval, intra_op_threads
 from .estimator_stats import EstimatorStats
 from .exact_table import ExactRow, agreement, exact_rows
 
@@ -83,8 +83,8 @@ def measure(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, n: int, ba
             progress: Callable[[int], None] | None = None, threads: int | None = None,
             exact: dict[str, ExactRow] | None = None, shared_start: bool = False,
             fused: bool = True, stream: str = "device") -> Measurement:
-    """Compute the exact moments of every estimator (unless given in ``exact``), then sample n
-    trajectories once and evaluate every estimator on them.
+    """Sample n trajectories once and evaluate every estimator on them; meanwhile, as the thread
+    pool's first task, compute the exact moments of every estimator (unless given in ``exact``).
 
     The trajectories come in numbered chunks, each drawn from its own seed and reduced to sums by
     one of ``threads`` threads (default on CPU: torch.get_num_threads(); on CUDA: 1); the chunks'
@@ -101,9 +101,6 @@ def measure(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, n: int, ba
     started = time.perf_counter()
     M = n // batch_size
     factors = block_factors(M, batch_size)
-    if exact is None:
-        exact = exact_rows(mdp, policy, sol, estimators, batch_size, tuple(factors),
-                           shared_start=shared_start)
     chunk, piece = chunk_sizes(n, sol.horizon, max(factors) * batch_size, dev)
     fuse = fused and dev.type == "cpu" and policy.tabular
     if fuse:  # the kernels carry blocks across pieces: any whole number of batches will do
@@ -117,7 +114,13 @@ def measure(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, n: int, ba
     steps = 0
     n_threads = max(1, min(threads or _default_threads(dev), len(sampler)))
     with intra_op_threads(1 if n_threads > 1 else torch.get_num_threads()), \
+            gil_switch_interval(), \
             ThreadPoolExecutor(n_threads, thread_name_prefix="measure") as pool:
+        # the exact moments are the pool's first task: single-threaded Python-heavy work, done
+        # while the other threads sample (their numbers do not depend on the thread count)
+        exact_future = None if exact is not None else pool.submit(
+            exact_rows, mdp, policy, sol, estimators, batch_size, tuple(factors),
+            shared_start=shared_start)
         # a window of 2 chunks per thread in flight: a chunk's sums are dropped once merged
         pending = collections.deque(pool.submit(run.chunk, c)
                                     for c in range(min(2 * n_threads, len(sampler))))
@@ -131,10 +134,17 @@ def measure(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, n: int, ba
                 steps += chunk_steps
                 if progress:
                     progress(min(chunk, n - sampler.first(c)))
+                if exact_future is not None and exact_future.done():
+                    exact_future.result()  # an error of the exact engine stops the sampling
+            if exact_future is not None:
+                exact = exact_future.result()  # raises here if the exact engine failed
         finally:
             for future in pending:
                 future.cancel()
+            if exact_future is not None:
+                exact_future.cancel()
     totals = {k: _to_cpu(m) for k, m in totals.items()}
+    assert exact is not None  # given, or computed by the pool
     stats, means = statistics(totals, estimators, sol, exact, seed)
     return Measurement(stats, means, steps, time.perf_counter() - started, exact, totals)
 
