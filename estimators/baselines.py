@@ -21,8 +21,9 @@ CROSS_FITTED = ("cross-fitted: fitted on the other half of the batch, a nonlinea
           exact=lambda m: BatchBaseline(lambda B: 1 - 1 / B, lambda B: 1 / B))
 def batch_mean_baseline(ctx: Context):
     """w_t = gamma^t (G_t - (1/B) sum_{j in batch} G_t^j), self included (G_t^j = 0 once j ended)."""
-    G = ctx.reward_to_go
-    return ctx.discount * (G - ctx.batch_sum(G) / ctx.batch_size)
+    G = ctx.grouped(ctx.reward_to_go)  # [M, B, T]
+    centred = G - G.sum(1, keepdim=True) / ctx.batch_size
+    return ctx.discount * centred.view(ctx.reward_to_go.shape)
 
 
 @register("leave_one_out_baseline", formula="sum_t gamma^t psi_t (G_t - mean_{j != i} G_t^j)",
@@ -32,9 +33,9 @@ def batch_mean_baseline(ctx: Context):
           exact=lambda m: BatchBaseline(lambda B: 1.0, lambda B: 1 / (B - 1)))
 def leave_one_out_baseline(ctx: Context):
     """w_t = gamma^t (G_t - (1/(B-1)) sum_{j != i} G_t^j)."""
-    G = ctx.reward_to_go
-    B = ctx.batch_size
-    return ctx.discount * (G - (ctx.batch_sum(G) - G) / (B - 1))
+    G = ctx.grouped(ctx.reward_to_go)  # [M, B, T]
+    centred = G - (G.sum(1, keepdim=True) - G) / (ctx.batch_size - 1)
+    return ctx.discount * centred.view(ctx.reward_to_go.shape)
 
 
 @register("exact_value_baseline", formula="sum_t gamma^t psi_t (G_t - V_t(s_t))", unbiased=True,

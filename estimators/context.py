@@ -114,6 +114,11 @@ class Context:
             self.cache[key] = (V, td_errors(b.rewards, b.states, b.lengths, V, self.gamma))
         return self.cache[key][1]
 
+    def grouped(self, x: Tensor) -> Tensor:
+        """x [N, ...] viewed as [M, B, ...], one row per batch: batch statistics then broadcast
+        without materialising them for every member."""
+        return x.view(-1, self.batch_size, *x.shape[1:])
+
     def batch_sum(self, x: Tensor) -> Tensor:
         """sum over each trajectory's batch, broadcast back: shape of x [N, ...]."""
         B = self.batch_size

@@ -157,10 +157,11 @@ def whiten(ctx: Context, x: Tensor) -> Tensor:
     """(x - mean) / sqrt(var + 1e-8) over all steps of each batch (var with Bessel's correction),
     as verl's masked_whiten and OpenRLHF's global normalisation; x [N, T]."""
     m = ctx.mask
-    n = ctx.batch_sum(m.sum(1, keepdim=True))
+    n = ctx.batch_sum(ctx.batch.lengths.to(x.dtype)[:, None])  # steps of the batch, [N, 1]
     mean = ctx.batch_sum((x * m).sum(1, keepdim=True)) / n
-    var = ctx.batch_sum((((x - mean) * m) ** 2).sum(1, keepdim=True)) / (n - 1)
-    return (x - mean) / torch.sqrt(var + WHITEN_EPS)
+    d = x - mean
+    var = ctx.batch_sum((d * m).square_().sum(1, keepdim=True)) / (n - 1)
+    return d.div_(torch.sqrt(var + WHITEN_EPS))
 
 
 @advantage("grpo", agg="seq-mean-token-mean",
