@@ -27,6 +27,9 @@ class Context:
     generator: torch.Generator | None = None  # the estimators' own randomness
     mdp: MDP | None = None  # the model, for estimators that roll out more (remax's greedy baseline)
     problem_cache: dict | None = None  # shared by every batch of one measurement (see ``shared``)
+    # the estimators' arithmetic: float64 by default (the tests' exact enumeration); measure
+    # uses float32 on the CPU (its sums and the gradients stay float64: docs/benchmarks.md)
+    dtype: torch.dtype = torch.float64
 
     @cached_property
     def cache(self) -> dict:
@@ -48,20 +51,26 @@ class Context:
         return self.batch.rewards.shape[1]
 
     @cached_property
+    def rewards(self) -> Tensor:
+        """r_t, shape [N, T] (0 after the end of the episode), in ``dtype``."""
+        return self.batch.rewards.to(self.dtype)
+
+    @cached_property
     def mask(self) -> Tensor:
-        """1.0 where step t happened, 0.0 after the end of the episode, shape [N, T] float64."""
-        return self.batch.mask.to(torch.float64)
+        """1.0 where step t happened, 0.0 after the end of the episode, shape [N, T]."""
+        return self.batch.mask.to(self.dtype)
 
     @cached_property
     def ones(self) -> Tensor:
         """1.0 everywhere, shape [N, T] (as weights: sum_t grad log pi, the score)."""
-        return torch.ones_like(self.batch.rewards)
+        return torch.ones_like(self.rewards)
 
     @cached_property
     def discount(self) -> Tensor:
         """gamma^t, shape [T] (gamma = 0 gives 1, 0, 0, ...)."""
         t = torch.arange(self.T, dtype=torch.float64, device=self.device)
-        return torch.tensor(self.gamma, dtype=torch.float64, device=self.device) ** t
+        return (torch.tensor(self.gamma, dtype=torch.float64, device=self.device) ** t) \
+            .to(self.dtype)
 
     def discounted_sum_to_go(self, x: Tensor, factor: float) -> Tensor:
         """y_t = sum_{k >= t} factor^(k-t) x_k for x [N, T] (suite.core.scan.sum_to_go: one
@@ -71,7 +80,7 @@ class Context:
     @cached_property
     def reward_to_go(self) -> Tensor:
         """G_t = sum_{k >= t} gamma^(k-t) r_k, shape [N, T] (0 after the episode ended)."""
-        return self.discounted_sum_to_go(self.batch.rewards, self.gamma)
+        return self.discounted_sum_to_go(self.rewards, self.gamma)
 
     @cached_property
     def steps(self) -> Tensor:
@@ -93,7 +102,7 @@ class Context:
         """V[t, s_t] for a table V [>= T, S], shape [N, T] (cached per table)."""
         key = ("value_at", id(V))
         if key not in self.cache:
-            self.cache[key] = (V, self.take(V[: self.T], self._ts))
+            self.cache[key] = (V, self.take(V[: self.T].to(self.dtype), self._ts))
         return self.cache[key][1]
 
     def q_at(self, Q: Tensor) -> Tensor:
@@ -101,7 +110,8 @@ class Context:
         key = ("q_at", id(Q))
         if key not in self.cache:
             A = Q.shape[-1]
-            self.cache[key] = (Q, self.take(Q[: self.T], self._ts * A + self.batch.actions))
+            self.cache[key] = (Q, self.take(Q[: self.T].to(self.dtype),
+                                            self._ts * A + self.batch.actions))
         return self.cache[key][1]
 
     def td_errors(self, V: Tensor) -> Tensor:
@@ -111,7 +121,7 @@ class Context:
         key = ("td_errors", id(V))
         if key not in self.cache:
             b = self.batch
-            self.cache[key] = (V, td_errors(b.rewards, b.states, b.lengths, V, self.gamma))
+            self.cache[key] = (V, td_errors(self.rewards, b.states, b.lengths, V, self.gamma))
         return self.cache[key][1]
 
     def grouped(self, x: Tensor) -> Tensor:

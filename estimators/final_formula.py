@@ -42,7 +42,7 @@ def final_formula_single_step(ctx: Context) -> StepDraw:
                                  lambda L: L))
 def final_formula_rescaled(ctx: Context) -> StepDraw:
     """One uniformly drawn step, weighted by T_i gamma^t* so its mean is reward_to_go's."""
-    T = ctx.batch.lengths[:, None].to(torch.float64)
+    T = ctx.batch.lengths[:, None].to(ctx.dtype)
     return StepDraw(_uniform_step(ctx), T * ctx.discount * ctx.reward_to_go)
 
 
@@ -61,4 +61,4 @@ def pgt_state_sampling(ctx: Context) -> StepDraw:
     disc = torch.tensor(ctx.gamma, dtype=torch.float64, device=ctx.device) ** t
     Z = disc.sum()
     q = (disc[: ctx.T] / Z) * ctx.mask
-    return StepDraw(q, Z * ctx.reward_to_go)
+    return StepDraw(q, Z.to(ctx.dtype) * ctx.reward_to_go)

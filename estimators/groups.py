@@ -47,7 +47,7 @@ MODE_NOTES = {
 
 def aggregation_weight(ctx: Context, mode: str) -> Tensor:
     """The factor [N, 1] that turns member i's advantages into its share of the batch gradient."""
-    L = ctx.batch.lengths.to(torch.float64)[:, None]
+    L = ctx.batch.lengths.to(ctx.dtype)[:, None]
     if mode == "token-sum":
         return torch.ones_like(L)
     if mode == "seq-mean-token-mean":
@@ -264,5 +264,5 @@ def opo(ctx: Context) -> Tensor:
     """A_i = R_i - b, b = sum_j L_j R_j / sum_j L_j (the optimal baseline if |grad log p|^2 grows
     like the length)."""
     R = returns(ctx)
-    L = ctx.batch.lengths.to(torch.float64).reshape(R.shape)
+    L = ctx.batch.lengths.to(R.dtype).reshape(R.shape)
     return per_response(R - (L * R).sum(1, keepdim=True) / L.sum(1, keepdim=True))

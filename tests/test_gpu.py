@@ -41,12 +41,14 @@ def test_cuda_sampler_with_the_cpu_stream_draws_the_cpu_trajectories():
 
 @pytest.mark.parametrize("env", ["FrozenLake8x8-v1", "Taxi-v4"])
 def test_cuda_measure_equals_the_cpu_measure_on_the_same_trajectories(env):
-    """Same uniforms, so the same trajectories: every sum agrees to float64 rounding (the GPU
+    """Same uniforms, so the same trajectories, and float64 on both: every sum agrees to float64
+    rounding (the GPU
     adds in another order, with atomics; the CPU folds with the compiled kernels). 20,000
     trajectories of H 50 make one chunk and one piece on both devices."""
     mdp, policy, sol = _problem(env)
     chosen = estimators.resolve(DETERMINISTIC)
-    runs = [measure(mdp, policy, sol, chosen, 20_000, 10, seed=2, device=d, stream="cpu")
+    runs = [measure(mdp, policy, sol, chosen, 20_000, 10, seed=2, device=d, stream="cpu",
+                    dtype=torch.float64)  # the CPU's default is float32 arithmetic
             for d in ("cpu", "cuda")]
     for name, m in runs[0].totals.items():
         other = runs[1].totals[name]

@@ -322,13 +322,13 @@ class BatchContraction:
 
     def score(self, weights: Tensor) -> Grads:
         """X_i = sum_t w_it grad log pi(a_it|s_it), from weights [N, T] (entries past the end of
-        an episode are ignored, whatever they hold)."""
+        an episode are ignored, whatever they hold); float64 whatever the weights' dtype."""
         if self.J_log is None and self._compiled:
             w64 = weights.to(torch.float64).contiguous().numpy()
             values = score_rows(w64, self.batch.lengths.numpy(), self.slot.numpy(),
                                 self.rows.row_state.numpy(), self._pi64)
-            return RowGrads(torch.from_numpy(values).to(weights.dtype), self.rows)
-        w = self.steps_of(weights)
+            return RowGrads(torch.from_numpy(values), self.rows)
+        w = self.steps_of(weights).to(torch.float64)
         if self.J_log is None:  # tabular
             r = self.rows
             counts = torch.zeros(len(r.row_traj) * self.A, dtype=w.dtype, device=w.device)

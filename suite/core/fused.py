@@ -73,10 +73,13 @@ def _kind(w: Tensor | SingleSteps) -> str:
 
 
 def _dense(w: Tensor | SingleSteps, T: int) -> np.ndarray:
-    """Weights [n, T] as a float64 NumPy array (the kernels' input)."""
+    """Weights [n, T] as a contiguous NumPy array, float32 kept (the kernel counts in float64),
+    any other dtype as float64."""
     if isinstance(w, SingleSteps):
         w = w.weights(T)
-    return w.to(torch.float64).contiguous().numpy()
+    if w.dtype != torch.float32:
+        w = w.to(torch.float64)
+    return w.contiguous().numpy()
 
 
 class FusedMoments:
@@ -128,8 +131,10 @@ class FusedMoments:
                 raise ValueError(f"{bad[0]}: its weights were {_KINDS[kind]} in an earlier "
                                  f"piece but not in this one")
         T = batch.states.shape[1]
-        W = numba.typed.List([_dense(by_name[n], T) for n in self._layout["varying"]]) \
-            if self._layout["varying"] else numba.typed.List.empty_list(numba.float64[:, ::1])
+        dense = [_dense(by_name[n], T) for n in self._layout["varying"]]
+        if dense and any(w.dtype != np.float32 for w in dense):  # one dtype for the kernel
+            dense = [w.astype(np.float64, copy=False) for w in dense]
+        W = numba.typed.List(dense) if dense else numba.typed.List.empty_list(numba.float64[:, ::1])
         steps = [by_name[n] for n in self._layout["steps"]]
         Ts, Cs = np.empty((batch.n, len(steps)), dtype=np.int64), np.empty((batch.n, len(steps)))
         for k, st in enumerate(steps):

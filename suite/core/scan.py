@@ -23,8 +23,8 @@ def sum_to_go(x: Tensor, factor: float) -> Tensor:
     """y_t = sum_{k >= t} factor^(k-t) x_k along dim 1 of x [N, T] (factor = 0 returns x)."""
     if factor == 0:
         return x
-    if x.device.type == "cpu" and x.dtype == torch.float64:
-        out = torch.empty(x.shape, dtype=x.dtype)
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        out = torch.empty(x.shape, dtype=x.dtype)  # (the sums run in float64)
         _backward_scan(x.contiguous().numpy(), float(factor), out.numpy())
         return out
     return sum_to_go_torch(x, factor)
@@ -51,8 +51,8 @@ def td_errors(rewards: Tensor, states: Tensor, lengths: Tensor, V: Tensor, gamma
     bootstrap term 0 at an episode's last step: termination or the horizon), 0 after the end;
     rewards, states [N, T], lengths [N], a critic table V [>= T, S]. On the CPU one compiled
     pass, elsewhere torch."""
-    if rewards.device.type == "cpu" and rewards.dtype == torch.float64:
-        out = torch.empty(rewards.shape, dtype=torch.float64)
+    if rewards.device.type == "cpu" and rewards.dtype in (torch.float32, torch.float64):
+        out = torch.empty(rewards.shape, dtype=rewards.dtype)  # (computed in float64)
         _td_errors(rewards.numpy(), states.numpy(), lengths.numpy(),
                    V.to(torch.float64).contiguous().numpy(), float(gamma), out.numpy())
         return out
@@ -66,7 +66,7 @@ def td_errors_torch(rewards: Tensor, states: Tensor, lengths: Tensor, V: Tensor,
     mask = (torch.arange(T, device=rewards.device) < lengths[:, None]).to(rewards.dtype)
     S = V.shape[1]
     ts = torch.arange(T, device=rewards.device) * S + states  # [N, T] entry of V [T, S]
-    v = V[:T].reshape(-1).index_select(0, ts.reshape(-1)).view(ts.shape) * mask
+    v = V[:T].to(rewards.dtype).reshape(-1).index_select(0, ts.reshape(-1)).view(ts.shape) * mask
     nxt = torch.zeros_like(rewards)
     nxt[:, :-1] = v[:, 1:]  # 0 where step t+1 did not happen (masked above)
     return (rewards + gamma * nxt - v) * mask

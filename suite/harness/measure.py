@@ -82,7 +82,8 @@ def measure(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, n: int, ba
             seed: int = 0, device: str | torch.device = "auto",
             progress: Callable[[int], None] | None = None, threads: int | None = None,
             exact: dict[str, ExactRow] | None = None, shared_start: bool = False,
-            fused: bool = True, stream: str = "device") -> Measurement:
+            fused: bool = True, stream: str = "device",
+            dtype: torch.dtype | None = None) -> Measurement:
     """Sample n trajectories once and evaluate every estimator on them; meanwhile, as the thread
     pool's first task, compute the exact moments of every estimator (unless given in ``exact``).
 
@@ -93,7 +94,11 @@ def measure(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, n: int, ba
     batch (a group of responses to one prompt); chunks hold whole batches. ``fused``: on the CPU
     with a tabular policy, fold the sums with the compiled kernels of suite.core.fused (False:
     contraction and Moments.add for every estimator, the torch reference they agree with).
-    ``stream``: where the sampler's uniforms are drawn (suite.core.sampler.ChunkSampler)."""
+    ``stream``: where the sampler's uniforms are drawn (suite.core.sampler.ChunkSampler).
+    ``dtype``: of the estimators' own arithmetic on the trajectories (weights, advantages);
+    default float32 on the CPU, float64 on CUDA. Their rounding (relative 1e-7) is far below
+    the sampling error of any reported figure; the gradients, every sum and statistic and the
+    exact moments are float64 (docs/benchmarks.md)."""
     check_sizes(n, batch_size, estimators)
     if threads is not None and threads < 1:
         raise InputError(f"threads must be >= 1, got {threads}")
@@ -108,8 +113,12 @@ def measure(mdp: MDP, policy: Policy, sol: ExactSolution, estimators, n: int, ba
                                * batch_size))
     sampler = ChunkSampler(mdp, sol.pi, sol.horizon, n, seed, dev, chunk,
                            batch_size if shared_start else 1, stream)
+    if dtype is None:
+        dtype = torch.float32 if dev.type == "cpu" else torch.float64
+    if dtype not in (torch.float32, torch.float64):
+        raise InputError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     run = _Run(sampler, Contraction(policy, dev), sol.to(dev), list(estimators), piece,
-               Moments(policy.n_params, batch_size, M, factors, dev), mdp, fuse, {})
+               Moments(policy.n_params, batch_size, M, factors, dev), mdp, fuse, {}, dtype)
     totals = {e.name: run.template.empty_like() for e in estimators}
     steps = 0
     n_threads = max(1, min(threads or _default_threads(dev), len(sampler)))
@@ -181,6 +190,7 @@ class _Run:
     mdp: MDP  # for estimators that roll out more than the batch (remax's greedy baseline)
     fuse: bool  # fold the sums with suite.core.fused (CPU, tabular policy)
     problem_cache: dict  # estimators' quantities of the problem alone, shared by every piece
+    dtype: torch.dtype  # of the estimators' arithmetic
 
     def chunk(self, c: int) -> tuple[dict[str, Moments], int]:
         """Sums of chunk c for every estimator, and its number of steps.
@@ -202,7 +212,7 @@ class _Run:
         for start in range(0, batch_all.n, self.piece):
             batch = batch_all.rows(start, start + self.piece)
             ctx = Context(batch, self.exact.gamma, self.exact, self.contraction.for_batch(batch), B,
-                          mdp=self.mdp, problem_cache=self.problem_cache)
+                          mdp=self.mdp, problem_cache=self.problem_cache, dtype=self.dtype)
             index, weights = None, []
             for est in self.estimators:
                 out = est.output(ctx, generator=gens[est.name], sparse=fused is not None)
