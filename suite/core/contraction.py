@@ -165,17 +165,18 @@ class RowGrads(Grads):
 
     def times_traj(self, c: Tensor) -> RowGrads:
         r = self.rows
-        if self._compiled and c.dtype == torch.float64:
+        if self._compiled and c.is_floating_point():
             return RowGrads(torch.from_numpy(rows_times_traj(
-                self.values.contiguous().numpy(), r.row_traj.numpy(), c.contiguous().numpy())), r)
+                self.values.contiguous().numpy(), r.row_traj.numpy(),
+                c.to(torch.float64).contiguous().numpy())), r)
         return RowGrads(self.values * c.index_select(0, r.row_traj)[:, None], r)
 
     def times_param(self, b: Tensor, group: Tensor) -> RowGrads:
         r = self.rows
-        if self._compiled and b.dtype == torch.float64:
+        if self._compiled and b.is_floating_point():
             return RowGrads(torch.from_numpy(rows_times_param(
                 self.values.contiguous().numpy(), r.row_traj.numpy(), r.row_state.numpy(),
-                group.numpy(), b.reshape(b.shape[0], -1).contiguous().numpy())), r)
+                group.numpy(), b.reshape(b.shape[0], -1).to(torch.float64).contiguous().numpy())), r)
         at = group.index_select(0, r.row_traj) * r.S + r.row_state  # [V] row of the [G*S, A] table
         return RowGrads(self.values * b.reshape(-1, r.A).index_select(0, at), r)
 
