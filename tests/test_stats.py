@@ -183,3 +183,31 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch):
         assert other.stats == runs[0].stats
         for name in runs[0].means:
             np.testing.assert_array_equal(other.means[name], runs[0].means[name])
+
+
+def test_bootstrap_replicates_from_the_gram_matrix_equal_the_direct_formulas():
+    """The replicates' |mean|^2 and mean . g come from the groups' K x K Gram matrix (no
+    [R, P] means); the direct formulas on the materialised means give the same statistics."""
+    from suite.core.stats import _core_replicates, _totals
+
+    gen = torch.Generator().manual_seed(11)
+    K, P, R = 16, 40, 50
+    m = Moments(P, 4, 400, [1, 4], torch.device("cpu"))
+    m.gsum = torch.randn(K, P, dtype=torch.float64, generator=gen)
+    m.gn = torch.full((K,), 100.0, dtype=torch.float64)
+    m.gm = torch.full((K,), 25.0, dtype=torch.float64)
+    m.gsq = 50.0 + torch.rand(K, dtype=torch.float64, generator=gen)
+    m.gbsq = 5.0 + torch.rand(K, dtype=torch.float64, generator=gen)
+    g = torch.randn(P, dtype=torch.float64, generator=gen) * 0.01
+    w = torch.randint(0, 3, (R, K), generator=gen).to(torch.float64) + 0.5
+    N, M, sx, sq, sb = _totals(m, w)
+    mean = sx / N[:, None]
+    msq = (mean**2).sum(-1)
+    direct = {"var": (sq - N * msq) / (N - 1), "var_b": (sb - M * msq) / (M - 1),
+              "bias_sq": ((mean - g) ** 2).sum(-1)}
+    fast = _core_replicates(m, g, w)
+    for key, value in direct.items():
+        torch.testing.assert_close(fast[key], value, rtol=1e-10, atol=1e-12)
+    other = _core_replicates(m, g, w.flip(0))  # must fail: other replicates, other statistics
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(other["var"], direct["var"], rtol=1e-10, atol=1e-12)
