@@ -90,7 +90,8 @@ class Context:
     @cached_property
     def _ts(self) -> Tensor:
         """t * S + s_t, shape [N, T]: flat index into a [T, S] table."""
-        return self.steps * self.exact.pi.shape[0] + self.batch.states
+        t = torch.arange(self.T, device=self.device)
+        return self.batch.states + t * self.exact.pi.shape[0]
 
     @staticmethod
     def take(table: Tensor, index: Tensor) -> Tensor:

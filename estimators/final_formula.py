@@ -17,8 +17,9 @@ def _steps(m: MomentModel, q_time, q_len, c_time, c_len) -> SingleStep:
 
 
 def _uniform_step(ctx: Context) -> torch.Tensor:
-    """q_it = 1 / T_i on the realised steps: t* uniform on 0..T_i-1."""
-    return ctx.mask / ctx.batch.lengths[:, None].to(torch.float64)
+    """q_it = 1 / T_i on the realised steps: t* uniform on 0..T_i-1 (float64: a distribution)."""
+    L = ctx.batch.lengths[:, None].to(torch.float64)
+    return torch.where(ctx.batch.mask, 1.0 / L, 0.0)
 
 
 @register("final_formula_single_step", unbiased=False,
@@ -60,5 +61,5 @@ def pgt_state_sampling(ctx: Context) -> StepDraw:
     t = torch.arange(H, dtype=torch.float64, device=ctx.device)
     disc = torch.tensor(ctx.gamma, dtype=torch.float64, device=ctx.device) ** t
     Z = disc.sum()
-    q = (disc[: ctx.T] / Z) * ctx.mask
+    q = torch.where(ctx.batch.mask, disc[: ctx.T] / Z, 0.0)  # float64: a distribution
     return StepDraw(q, Z.to(ctx.dtype) * ctx.reward_to_go)

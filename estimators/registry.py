@@ -27,6 +27,7 @@ import torch
 from suite.core.contraction import Grads, SingleSteps
 from suite.core.errors import InputError, unknown_name
 from suite.core.moments import Form, MomentModel, NoExact
+from suite.core.scan import inverse_cdf
 from suite.core.specs import parse_spec
 
 from .context import Context
@@ -118,7 +119,7 @@ def _draw_single_step(q: torch.Tensor, c: torch.Tensor,
 def _draw_steps(q: torch.Tensor, c: torch.Tensor, gen: torch.Generator | None) -> SingleSteps:
     """One t* ~ q_i per trajectory and its weight c_it* (none w.p. 1 - sum q_i)."""
     u = torch.rand(q.shape[0], 1, generator=gen, dtype=q.dtype, device=q.device)
-    t_star = torch.searchsorted(q.cumsum(1), u, right=True)  # [N, 1]: number of cdf values <= u
+    t_star = inverse_cdf(q, u)  # [N, 1]: number of cdf values <= u
     drawn = t_star < q.shape[1]  # False when u falls in the "no step" mass
     t_star = t_star.clamp(max=q.shape[1] - 1)
     return SingleSteps(torch.where(drawn, t_star, -1)[:, 0], (c.gather(1, t_star) * drawn)[:, 0])

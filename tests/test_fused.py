@@ -14,7 +14,7 @@ from suite.core.exact import solve
 from suite.core.fused import FusedMoments
 from suite.core.policies import random_policy
 from suite.core.sampler import ChunkSampler
-from suite.core.scan import sum_to_go, sum_to_go_torch, td_errors, td_errors_torch
+from suite.core.scan import inverse_cdf, sum_to_go, sum_to_go_torch, td_errors, td_errors_torch
 from suite.core.stats import SUMS, ChunkIndex, Moments, block_factors
 from suite.harness.measure import measure
 from suite.harness.problem import make_policy
@@ -232,3 +232,20 @@ def test_float32_arithmetic_moves_no_figure_beyond_rounding():
     moved = [float(np.abs(other.means[n] - double.means[n]).max()) / float(np.abs(double.means[n]).max())
              for n in double.means]
     assert min(moved) > 1e-3  # must-fail scale: sampling noise dwarfs float32 rounding
+
+
+def test_inverse_cdf_compiled_equals_cumsum_and_searchsorted():
+    """The compiled draw: the number of partial sums <= u, exactly as torch's cumsum and
+    searchsorted(right=True) count them, ties and rows of mass below 1 included."""
+    gen = torch.Generator().manual_seed(9)
+    N, T = 500, 37
+    q = torch.rand(N, T, dtype=torch.float64, generator=gen)
+    q = q / q.sum(1, keepdim=True) * torch.rand(N, 1, dtype=torch.float64, generator=gen)
+    q[::7, 20:] = 0.0  # episodes that ended early
+    u = torch.rand(N, 1, dtype=torch.float64, generator=gen)
+    u[::11] = q.cumsum(1)[::11, 5:6]  # ties with a partial sum: counted, as right=True does
+    u[::13] = 0.9999999  # beyond the mass: T
+    expected = torch.searchsorted(q.cumsum(1), u, right=True)
+    assert torch.equal(inverse_cdf(q, u), expected)
+    assert int((expected == T).sum()) > 0 and int((expected < T).sum()) > N // 4
+    assert not torch.equal(inverse_cdf(q, u * 0.5), expected)  # must fail: other uniforms

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["sum_to_go", "td_errors"]
+__all__ = ["inverse_cdf", "sum_to_go", "td_errors"]
 
 
 def sum_to_go(x: Tensor, factor: float) -> Tensor:
@@ -44,6 +44,33 @@ def sum_to_go_torch(x: Tensor, factor: float) -> Tensor:
     kernel = torch.where(lag >= 0, base ** lag.clamp(min=0).to(x.dtype),
                          torch.zeros((), dtype=x.dtype, device=x.device))
     return x @ kernel
+
+
+def inverse_cdf(q: Tensor, u: Tensor) -> Tensor:
+    """t_i = the number of partial sums q_i0 + ... + q_it (t < T) that are <= u_i, for q [N, T]
+    (non-negative) and u [N, 1]: the step drawn by the uniform u_i, T when u_i falls beyond
+    the row's mass; [N, 1] int64. On the CPU one compiled pass per row that stops at the drawn
+    step (the same sums in the same order as torch's cumsum), elsewhere cumsum + searchsorted."""
+    if q.device.type == "cpu" and q.dtype == torch.float64 and u.dtype == torch.float64:
+        out = torch.empty(q.shape[0], 1, dtype=torch.int64)
+        _inverse_cdf(q.contiguous().numpy(), u.contiguous().numpy().reshape(-1),
+                     out.numpy().reshape(-1))
+        return out
+    return torch.searchsorted(q.cumsum(1), u, right=True)
+
+
+@numba.njit(nogil=True, cache=True)
+def _inverse_cdf(q, u, out):  # pragma: no cover - compiled
+    N, T = q.shape
+    for i in range(N):
+        acc = 0.0
+        t = 0
+        while t < T:
+            acc += q[i, t]
+            if acc > u[i]:
+                break
+            t += 1
+        out[i] = t
 
 
 def td_errors(rewards: Tensor, states: Tensor, lengths: Tensor, V: Tensor, gamma: float) -> Tensor:
