@@ -76,10 +76,5 @@ def optimal_constant_baseline(ctx: Context):
     g_ik = R_ik (G_0 - b_k), R_i = sum_t grad log pi(a_t|s_t), b from the other half (0 where the
     other half has no score in coordinate k)."""
     R = ctx.score(ctx.ones)  # sum_t psi_t
-    G0 = ctx.reward_to_go[:, 0]
-    R2 = R.square()
-    num = R2.times_traj(G0).group_sum(ctx.half, ctx.n_halves)
-    den = R2.group_sum(ctx.half, ctx.n_halves)
-    b = torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num))
-    swapped = b.reshape(-1, 2, b.shape[1]).flip(1).reshape(b.shape)  # fold h gets fold h^1's b
-    return R.times_traj(G0) - R.times_param(swapped, ctx.half)
+    # b_k(h) = sum_{i in h} R_ik^2 G0_i / sum_{i in h} R_ik^2, applied to the other half
+    return R.cross_fitted(ctx.reward_to_go[:, 0], ctx.half, ctx.n_halves)

@@ -70,6 +70,10 @@ def test_grads_operations_agree_between_forms():
     assert torch.allclose(rows.times_traj(c).dense(), dense.times_traj(c).values)
     assert torch.allclose(rows.times_param(b, group).dense(), dense.times_param(b, group).values)
     assert torch.allclose((rows.square() - rows).dense(), (dense.square() - dense).values)
+    fold = torch.arange(batch.n) % 4  # folds 0-1 and 2-3 pair up
+    fitted = rows.cross_fitted(c, fold, 4).dense()
+    assert torch.allclose(fitted, dense.cross_fitted(c, fold, 4).values)  # compiled vs generic
+    assert not torch.allclose(fitted, rows.times_traj(c).dense())  # must fail: the baseline acts
 
 
 @pytest.mark.parametrize("kind", ["tabular", "mlp"])

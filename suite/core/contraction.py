@@ -29,6 +29,7 @@ from .rows import (
     group_rows_sum,
     pi_rows_grad,
     pi_table_grad,
+    rows_cross_fitted,
     rows_times_param,
     rows_times_traj,
     score_rows,
@@ -131,6 +132,17 @@ class Grads(ABC):
     def dense(self) -> Tensor:  # [N, P], for tests and small batches
         return self.group_sum(torch.arange(self.n, device=self.device), self.n)
 
+    def cross_fitted(self, c: Tensor, fold: Tensor, n_folds: int) -> Grads:
+        """X_ik (c_i - b_k(h')): per-parameter constant baselines fitted on the paired fold h'
+        (folds 2m and 2m + 1 pair up), b_k(h) = sum_{i in h} X_ik^2 c_i / sum_{i in h} X_ik^2
+        (0 where the fold has no X_ik). c [N], fold [N] < n_folds."""
+        X2 = self.square()
+        num = X2.times_traj(c).group_sum(fold, n_folds)
+        den = X2.group_sum(fold, n_folds)
+        b = torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num))
+        swapped = b.reshape(-1, 2, b.shape[1]).flip(1).reshape(b.shape)  # fold h gets h ^ 1's
+        return self.times_traj(c) - self.times_param(swapped, fold)
+
 
 @dataclass(frozen=True)
 class RowGrads(Grads):
@@ -179,6 +191,14 @@ class RowGrads(Grads):
                 group.numpy(), b.reshape(b.shape[0], -1).to(torch.float64).contiguous().numpy())), r)
         at = group.index_select(0, r.row_traj) * r.S + r.row_state  # [V] row of the [G*S, A] table
         return RowGrads(self.values * b.reshape(-1, r.A).index_select(0, at), r)
+
+    def cross_fitted(self, c: Tensor, fold: Tensor, n_folds: int) -> Grads:
+        r = self.rows
+        if self._compiled and c.is_floating_point():
+            return RowGrads(torch.from_numpy(rows_cross_fitted(
+                self.values.contiguous().numpy(), r.row_traj.numpy(), r.row_state.numpy(),
+                c.to(torch.float64).contiguous().numpy(), fold.numpy(), n_folds, r.S)), r)
+        return super().cross_fitted(c, fold, n_folds)
 
     def __add__(self, other: RowGrads) -> RowGrads:
         return RowGrads(self.values + other.values, self.rows)
