@@ -83,11 +83,6 @@ class Context:
         return self.discounted_sum_to_go(self.rewards, self.gamma)
 
     @cached_property
-    def steps(self) -> Tensor:
-        """t for every entry, shape [N, T]."""
-        return torch.arange(self.T, device=self.device).expand_as(self.batch.states)
-
-    @cached_property
     def _ts(self) -> Tensor:
         """t * S + s_t, shape [N, T]: flat index into a [T, S] table."""
         t = torch.arange(self.T, device=self.device)
