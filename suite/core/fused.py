@@ -224,8 +224,8 @@ def _fold_weights(W, Ts, Cs, Cw, states, actions, lengths, pi, count, batch0, do
     for m in range(N // B):
         grp = (batch0 + m) * consts[5] // consts[4]
         for i in range(m * B, m * B + B):
-            k = (i - m * B) % _BLOCK
-            if k == 0:  # copy the next block's weights: each W[e] read in one stretch
+            slot = (i - m * B) % _BLOCK  # trajectory i's place in its block
+            if slot == 0:  # copy the next block's weights: each W[e] read in one stretch
                 for e in range(E):
                     w = W[e]
                     for kk in range(min(_BLOCK, m * B + B - i)):
@@ -240,7 +240,7 @@ def _fold_weights(W, Ts, Cs, Cw, states, actions, lengths, pi, count, batch0, do
             for t in range(L):  # C_i[s, a] = sum of w_it over the steps at (s, a)
                 c = cell[t]
                 for e in range(E):
-                    count[c, e] += step_w[k * T + t, e]
+                    count[c, e] += step_w[slot * T + t, e]
             for k in range(Es):
                 t = Ts[i, k]
                 if 0 <= t < L:
