@@ -362,12 +362,13 @@ class BatchContraction:
 
     def pi_grad(self, c: Tensor) -> Grads:
         """X_i = sum_t sum_a c_it[a] grad pi(a|s_it), from cotangents at the sampled steps
-        c [L, A], in step order (step_traj, step_time, step_state)."""
+        c [L, A], in step order (step_traj, step_time, step_state); float64 whatever c's dtype."""
+        c = c.to(torch.float64)
         if self.J_pi is None and self._compiled:
             r = self.rows
-            values = pi_rows_grad(c.to(torch.float64).contiguous().numpy(), r.step_row.numpy(),
+            values = pi_rows_grad(c.contiguous().numpy(), r.step_row.numpy(),
                                   r.row_state.numpy(), self._pi64)
-            return RowGrads(torch.from_numpy(values).to(c.dtype), r)
+            return RowGrads(torch.from_numpy(values), r)
         if self.J_pi is None:  # tabular
             r = self.rows
             acc = torch.zeros(len(r.row_traj), self.A, dtype=c.dtype, device=c.device)
@@ -379,13 +380,13 @@ class BatchContraction:
 
     def pi_grad_table(self, D: Tensor) -> Grads:
         """X_i = sum_t sum_a D[t, s_it, a] grad pi(a|s_it), from a table D [>= T, S, A] (the
-        cotangents of pi_grad, looked up by (t, s_t): on the CPU read in the same pass)."""
+        cotangents of pi_grad, looked up by (t, s_t): on the CPU read in the same pass); float64."""
         if self.J_pi is None and self._compiled:
             r, b = self.rows, self.batch
             values = pi_table_grad(D.to(torch.float64).contiguous().numpy(), b.states.numpy(),
                                    b.lengths.numpy(), r.step_row.numpy(), r.row_state.numpy(),
                                    self._pi64)
-            return RowGrads(torch.from_numpy(values).to(D.dtype), r)
+            return RowGrads(torch.from_numpy(values), r)
         A = D.shape[-1]
         at = self.step_time * self.S + self.step_state  # [L] row of the [T*S, A] table
         return self.pi_grad(D.reshape(-1, A).index_select(0, at))
